@@ -1,0 +1,84 @@
+"""Build a student from a teacher with one of the initialization methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lmdistill.init.guide import PCAMode, explained_variance, fold_block, fold_embeddings_and_head, pca_projection
+from lmdistill.init.select import block_indices, select_block, uniform_indices
+from lmdistill.init.weight_selection import select_embeddings_and_head, select_width
+from lmdistill.models.adapters import ModelShape, adapter_for
+
+InitMethod = Literal["random", "weight-selection", "guide", "guide-all"]
+INIT_METHODS: tuple[str, ...] = InitMethod.__args__
+
+
+@dataclass
+class InitResult:
+    """A freshly initialized student and what its initialization measured."""
+
+    student: PreTrainedModel
+    projection: Tensor | None  # M [d_T, d_S] for guide and guide-all
+    explained_variance: float | None  # ||E_T M||^2 / ||E_T||^2 (see `explained_variance`) for guide methods
+
+
+@torch.no_grad()
+def build_student(
+    teacher: PreTrainedModel,
+    shape: ModelShape,
+    method: InitMethod,
+    *,
+    pca: PCAMode = "uncentered",
+    seed: int = 0,
+) -> InitResult:
+    """Initialize a student of `shape` from `teacher`.
+
+    Methods:
+        random: the architecture's own initialization (seeded).
+        weight-selection: the teacher's first N blocks, uniform selection on every axis (Xu et al. 2024).
+        guide: GUIDE (DESIGN.md section 3): PCA embeddings, block 1 folded through M, blocks 2..N random.
+        guide-all: every block folded through M from teacher blocks chosen by uniform layer selection.
+
+    Args:
+        teacher: a supported Hugging Face causal LM in float32.
+        shape: the student's shape (from `derive_student_shape`).
+        method: one of `INIT_METHODS`.
+        pca: "uncentered" or "centered" projection (guide methods only).
+        seed: seeds the random initialization of everything the method does not transfer.
+
+    Returns:
+        The student (float32, eval mode) with the projection and its explained variance for guide methods.
+    """
+    adapter = adapter_for(teacher.config)
+    teacher_shape = adapter.shape(teacher.config)
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(adapter.student_config(teacher.config, shape), dtype=torch.float32)
+    student.eval()
+    if method == "random":
+        return InitResult(student, None, None)
+
+    source = adapter.read(teacher)
+    target = adapter.read(student)
+    indices = block_indices(teacher_shape, shape, adapter.rotary)
+    m, variance = None, None
+    if method == "weight-selection":
+        width = uniform_indices(teacher_shape.hidden_size, shape.hidden_size)
+        select_embeddings_and_head(source, target, width)
+        target.blocks = [select_width(select_block(source.blocks[i], indices), width) for i in range(shape.num_layers)]
+    elif method in ("guide", "guide-all"):
+        layer_norm = adapter.norm == "layer"
+        m = pca_projection(source.embed, shape.hidden_size, pca, layer_norm)
+        variance = explained_variance(source.embed, m, layer_norm)
+        fold_embeddings_and_head(source, target, m)
+        teacher_layers = [0] if method == "guide" else uniform_indices(teacher_shape.num_layers, shape.num_layers)
+        for j, i in enumerate(teacher_layers):
+            target.blocks[j] = fold_block(select_block(source.blocks[int(i)], indices), m)
+    else:
+        raise ValueError(f"unknown initialization method {method!r}; choose one of {', '.join(INIT_METHODS)}")
+    adapter.write(student, target)
+    return InitResult(student, m, variance)

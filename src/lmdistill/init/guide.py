@@ -1,0 +1,149 @@
+"""GUIDE: Guided Initialization and Distillation of Embeddings (Trinh, Menghani, Vee, 2025, arXiv 2510.06502).
+
+The student's residual stream is the teacher's projected onto the top-d_S right singular subspace of the teacher's
+embedding table, x_S = x_T M with M [d_T, d_S] orthonormal columns. Every weight that reads the residual stream is
+folded through the same projection, every weight that writes it is projected, and heads, head dimensions and MLP
+units are cut by Uniform Selection. Derivation for a read-side weight behind an RMSNorm with gain g (row vectors):
+
+    teacher:  rms_norm(x) g W          = sqrt(d_T) x diag(g) W / ||x||
+    student:  rms_norm(x M) (c M^T diag(g) W) = sqrt(d_S) c x M M^T diag(g) W / ||x M||
+
+which agree when x lies in span(M) (then x M M^T = x and ||x M|| = ||x||) and c = sqrt(d_T / d_S); the student's
+norm gain becomes 1. LayerNorm also subtracts the mean over the d coordinates; `pca_projection` chooses M so that
+the student's residual stream has zero mean, which makes the same fold exact (see there). A LayerNorm bias b is
+folded exactly into the weight's bias (b W). The untied output head
+reads the residual through the final norm and gets the same rule; a tied head follows the embeddings.
+
+Launch: `lmdistill init --teacher default --method guide --hidden-size 288 --num-layers 6 --num-heads 3
+--num-kv-heads 1 --intermediate-size 768 --out runs/student-guide`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lmdistill.models.adapters import BlockWeights, ModelWeights, Norm
+from lmdistill.init.select import map_width
+
+PCAMode = Literal["uncentered", "centered"]
+
+
+def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False) -> Tensor:
+    """The projection M: top right singular vectors of the (optionally centered) embedding table.
+
+    Computed from the d_T x d_T Gram matrix in float64 (V is large, d_T small). Column signs are fixed so the entry
+    of largest magnitude is positive, which makes M deterministic.
+
+    LayerNorm models: every read of the residual stream goes through a LayerNorm, which removes the component along
+    the all-ones vector 1, so that component never affects any output. M then projects it away: M = M' U with M' the
+    top (d_S - 1) right singular vectors of the row-centered table E C (C = I - 11^T/d_T) and U [d_S - 1, d_S] an
+    orthonormal basis of the student's own zero-mean subspace. The student's residual stream then has zero mean, its
+    LayerNorm equals an RMSNorm of the teacher's centered residual, and the fold is exact where RMSNorm's is.
+
+    Args:
+        embed: teacher embedding table E_T [V, d_T].
+        width: d_S <= d_T (at least 2 with `layer_norm`).
+        mode: "uncentered" (SVD of E_T) or "centered" (PCA of E_T minus its mean row). Either way the student's
+            embeddings are E_T M; centering only changes which subspace M spans.
+        layer_norm: whether the model's norms are LayerNorms (see above).
+
+    Returns:
+        M [d_T, d_S] float32, ordered by decreasing singular value; orthonormal columns for RMSNorm models, and
+        M^T M = I - 11^T/d_S for LayerNorm models.
+    """
+    e = embed.detach().double()
+    if layer_norm:
+        if width < 2:
+            raise ValueError("a LayerNorm student needs a width of at least 2")
+        e = e - e.mean(dim=1, keepdim=True)  # E C
+    if mode == "centered":
+        e = e - e.mean(dim=0, keepdim=True)
+    rank = width - 1 if layer_norm else width
+    _, vectors = torch.linalg.eigh(e.T @ e)  # ascending eigenvalues
+    m = vectors[:, -rank:].flip(dims=[1])  # [d_T, rank]
+    m = m * torch.sign(m.gather(0, m.abs().argmax(dim=0, keepdim=True)))
+    if layer_norm:
+        ones_first = torch.eye(width, dtype=m.dtype)
+        ones_first[:, 0] = 1.0
+        q, _ = torch.linalg.qr(ones_first)  # q[:, 0] is along 1, q[:, 1:] spans its complement
+        m = m @ q[:, 1:].T  # [d_T, d_S]
+    return m.float()
+
+
+def explained_variance(embed: Tensor, m: Tensor, layer_norm: bool = False) -> float:
+    """Share of the embedding table's energy the student keeps, ||E M||^2 / ||E||^2.
+
+    For LayerNorm models the denominator is the row-centered table's energy ||E C||^2, the part the model can see.
+
+    Args:
+        embed: E_T [V, d_T].
+        m: projection [d_T, d_S] from `pca_projection`.
+        layer_norm: whether the model's norms are LayerNorms.
+
+    Returns:
+        A number in [0, 1].
+    """
+    e = embed.detach().double()
+    visible = e - e.mean(dim=1, keepdim=True) if layer_norm else e
+    return float((e @ m.double()).square().sum() / visible.square().sum())
+
+
+def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
+    """Fold a canonical block (heads and units already selected) through the projection M.
+
+    Read side (q, k, v, up, gate): W_S = c M^T diag(g) W with c = sqrt(d_T / d_S), bias b_S = b + beta W for a
+    LayerNorm bias beta. Write side (o, down and their biases): W_S = W M. The student's pre-norms become gain 1,
+    bias 0.
+
+    Args:
+        block: canonical block at teacher width d_T.
+        m: projection [d_T, d_S].
+
+    Returns:
+        The block at width d_S.
+    """
+    d_teacher, d_student = m.shape
+    c = math.sqrt(d_teacher / d_student)
+
+    def read(w: Tensor, norm: Norm) -> Tensor:
+        scaled = w * norm.weight.reshape(-1, *([1] * (w.dim() - 1)))  # diag(g) W
+        return c * torch.tensordot(m.T, scaled, dims=1)  # [d_S, ...]
+
+    def read_bias(bias: Tensor | None, w: Tensor, norm: Norm) -> Tensor | None:
+        if norm.bias is None:
+            return bias
+        if bias is None:
+            raise NotImplementedError("a LayerNorm bias in front of a projection without bias cannot be folded")
+        return bias + torch.tensordot(norm.bias, w, dims=1)
+
+    def write(w: Tensor) -> Tensor:
+        return w @ m
+
+    def unit_norm(norm: Norm) -> Norm:
+        return Norm(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
+
+    return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm)
+
+
+def fold_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, m: Tensor) -> None:
+    """Set the student's embeddings, positions, final norm and untied head from the teacher's through M, in place.
+
+    Args:
+        teacher: canonical teacher weights at width d_T.
+        student: canonical student weights at width d_S; `embed`, `positions`, `final_norm` and `head` are replaced.
+        m: projection [d_T, d_S].
+    """
+    d_teacher, d_student = m.shape
+    student.embed = teacher.embed @ m  # [V, d_S]
+    if student.positions is not None:
+        student.positions = teacher.positions[: student.positions.shape[0]] @ m  # [L_S, d_S]
+    final = teacher.final_norm
+    student.final_norm = Norm(torch.ones(d_student), None if final.bias is None else torch.zeros(d_student))
+    # An untied head reads the residual through the final norm, so it takes the read-side rule. A final LayerNorm
+    # bias would become a logit bias, which the head does not have: it is dropped.
+    if student.head is not None:
+        student.head = math.sqrt(d_teacher / d_student) * (m.T @ (final.weight[:, None] * teacher.head))  # [d_S, V]

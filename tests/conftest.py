@@ -1,0 +1,56 @@
+"""Tiny teachers built from `transformers` configs (no downloads), with every parameter randomized.
+
+Random norm gains and biases matter: with the default init (gains 1, biases 0) a missing diag(g) or bias fold would
+go unnoticed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+
+VOCAB = 96
+
+
+def tiny_config(kind: str, **overrides) -> PretrainedConfig:
+    """A 3-block teacher config of width 32: llama (GQA 4/2), qwen2 (q/k/v biases), qwen3 (q/k norms) or gpt2."""
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, layer_norm_epsilon=1e-12, **common, **overrides)
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-12,  # the GUIDE identities are exact up to the eps term of the norms
+    )
+    llama_like.update(overrides)
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
+    return config_class(**common, **llama_like)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter seeded random values: norm gains in [0.5, 1.5], everything else N(0, 0.1^2)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+            p.copy_(0.5 + torch.rand(p.shape, generator=generator))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def tiny_teacher(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=torch.float32)
+    return randomize(model, seed).eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
