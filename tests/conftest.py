@@ -54,3 +54,24 @@ def tiny_teacher(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_tokenizer():
+    """An offline word-level tokenizer with exactly VOCAB entries (unknown words map to id 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of and to in is was it that for on with as by at from this be are".split()
+    words += list("abcdefghijklmnopqrstuvwxyz.,;:!?'\"-()0123456789")
+    vocab = {token: i for i, token in enumerate(["<s>", "</s>", "<unk>", *words])}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_teacher(path, kind: str = "llama", **overrides):
+    """Save a randomized tiny teacher with its tokenizer as a Hugging Face directory; return the path."""
+    tiny_teacher(kind, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

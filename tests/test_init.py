@@ -164,10 +164,24 @@ def test_reconstruction_error_never_increases_with_width(mode, layer_norm):
     target = target - target.mean(0) if mode == "centered" else target
     errors = []
     for width in range(2 if layer_norm else 1, 33):
-        m = pca_projection(embed, width, mode, layer_norm).double()
+        m = pca_projection(embed, width, mode, layer_norm).matrix.double()
         errors.append(torch.linalg.norm(target - target @ m @ torch.linalg.pinv(m)).item())
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-4 * errors[0]
+
+
+@pytest.mark.parametrize("mode", ["uncentered", "centered"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_explained_variance_is_the_kept_share_of_the_visible_energy(mode, layer_norm):
+    embed = torch.randn(VOCAB, 32, generator=torch.Generator().manual_seed(4)) + 0.3
+    visible = embed - embed.mean(1, keepdim=True) if layer_norm else embed
+    shares = []
+    for width in (4, 16, 32):
+        projection = pca_projection(embed, width, mode, layer_norm)
+        expected = (embed @ projection.matrix).square().sum() / visible.square().sum()
+        assert projection.explained_variance == pytest.approx(expected.item(), rel=1e-4)
+        shares.append(projection.explained_variance)
+    assert shares[0] < shares[1] < shares[2] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

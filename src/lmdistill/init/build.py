@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lmdistill.init.guide import PCAMode, explained_variance, fold_block, fold_embeddings_and_head, pca_projection
+from lmdistill.init.guide import PCAMode, fold_block, fold_embeddings_and_head, pca_projection
 from lmdistill.init.select import block_indices, select_block, uniform_indices
 from lmdistill.init.weight_selection import select_embeddings_and_head, select_width
 from lmdistill.models.adapters import ModelShape, adapter_for
@@ -24,7 +24,7 @@ class InitResult:
 
     student: PreTrainedModel
     projection: Tensor | None  # M [d_T, d_S] for guide and guide-all
-    explained_variance: float | None  # ||E_T M||^2 / ||E_T||^2 (see `explained_variance`) for guide methods
+    explained_variance: float | None  # ||E_T M||^2 / ||E_T||^2 (see `Projection`) for guide methods
 
 
 @torch.no_grad()
@@ -71,9 +71,8 @@ def build_student(
         select_embeddings_and_head(source, target, width)
         target.blocks = [select_width(select_block(source.blocks[i], indices), width) for i in range(shape.num_layers)]
     elif method in ("guide", "guide-all"):
-        layer_norm = adapter.norm == "layer"
-        m = pca_projection(source.embed, shape.hidden_size, pca, layer_norm)
-        variance = explained_variance(source.embed, m, layer_norm)
+        projection = pca_projection(source.embed, shape.hidden_size, pca, layer_norm=adapter.norm == "layer")
+        m, variance = projection.matrix, projection.explained_variance
         fold_embeddings_and_head(source, target, m)
         teacher_layers = [0] if method == "guide" else uniform_indices(teacher_shape.num_layers, shape.num_layers)
         for j, i in enumerate(teacher_layers):

@@ -21,6 +21,7 @@ Launch: `lmdistill init --teacher default --method guide --hidden-size 288 --num
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,11 +33,20 @@ from lmdistill.init.select import map_width
 PCAMode = Literal["uncentered", "centered"]
 
 
-def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False) -> Tensor:
+@dataclass(frozen=True)
+class Projection:
+    """The GUIDE projection and how much of the embedding table it keeps."""
+
+    matrix: Tensor  # M [d_T, d_S] float32
+    explained_variance: float  # ||E M||^2 / ||E||^2; for LayerNorm models over ||E C||^2, the part the model sees
+
+
+def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False) -> Projection:
     """The projection M: top right singular vectors of the (optionally centered) embedding table.
 
-    Computed from the d_T x d_T Gram matrix in float64 (V is large, d_T small). Column signs are fixed so the entry
-    of largest magnitude is positive, which makes M deterministic.
+    Everything is computed from the d_T x d_T Gram matrix E^T E (one float32 pass over the V x d_T table,
+    eigendecomposition in float64). Column signs are fixed so the entry of largest magnitude is positive, which makes
+    M deterministic.
 
     LayerNorm models: every read of the residual stream goes through a LayerNorm, which removes the component along
     the all-ones vector 1, so that component never affects any output. M then projects it away: M = M' U with M' the
@@ -52,18 +62,26 @@ def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", laye
         layer_norm: whether the model's norms are LayerNorms (see above).
 
     Returns:
-        M [d_T, d_S] float32, ordered by decreasing singular value; orthonormal columns for RMSNorm models, and
-        M^T M = I - 11^T/d_S for LayerNorm models.
+        M [d_T, d_S], ordered by decreasing singular value, with orthonormal columns for RMSNorm models and
+        M^T M = I - 11^T/d_S for LayerNorm models; and its explained variance.
     """
-    e = embed.detach().double()
+    e = embed.detach().float()
+    vocab, d = e.shape
+    gram = (e.T @ e).double()  # [d_T, d_T]
+    visible = gram
     if layer_norm:
         if width < 2:
             raise ValueError("a LayerNorm student needs a width of at least 2")
-        e = e - e.mean(dim=1, keepdim=True)  # E C
+        centering = torch.eye(d, dtype=torch.float64) - 1.0 / d  # C
+        visible = centering @ gram @ centering  # (E C)^T (E C)
+    target = visible
     if mode == "centered":
-        e = e - e.mean(dim=0, keepdim=True)
+        mean = e.mean(dim=0).double()
+        if layer_norm:
+            mean = mean @ centering
+        target = visible - vocab * torch.outer(mean, mean)
     rank = width - 1 if layer_norm else width
-    _, vectors = torch.linalg.eigh(e.T @ e)  # ascending eigenvalues
+    _, vectors = torch.linalg.eigh(target)  # ascending eigenvalues
     m = vectors[:, -rank:].flip(dims=[1])  # [d_T, rank]
     m = m * torch.sign(m.gather(0, m.abs().argmax(dim=0, keepdim=True)))
     if layer_norm:
@@ -71,25 +89,8 @@ def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", laye
         ones_first[:, 0] = 1.0
         q, _ = torch.linalg.qr(ones_first)  # q[:, 0] is along 1, q[:, 1:] spans its complement
         m = m @ q[:, 1:].T  # [d_T, d_S]
-    return m.float()
-
-
-def explained_variance(embed: Tensor, m: Tensor, layer_norm: bool = False) -> float:
-    """Share of the embedding table's energy the student keeps, ||E M||^2 / ||E||^2.
-
-    For LayerNorm models the denominator is the row-centered table's energy ||E C||^2, the part the model can see.
-
-    Args:
-        embed: E_T [V, d_T].
-        m: projection [d_T, d_S] from `pca_projection`.
-        layer_norm: whether the model's norms are LayerNorms.
-
-    Returns:
-        A number in [0, 1].
-    """
-    e = embed.detach().double()
-    visible = e - e.mean(dim=1, keepdim=True) if layer_norm else e
-    return float((e @ m.double()).square().sum() / visible.square().sum())
+    kept = torch.trace(m.T @ gram @ m) / torch.trace(visible)  # ||E M||^2 / ||E||^2 (or ||E C||^2)
+    return Projection(m.float(), float(kept))
 
 
 def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:

@@ -1,0 +1,82 @@
+"""The `lmdistill` command line: one explicit table of commands, each a config dataclass and a run function.
+
+Every command accepts `--config FILE.yaml` (a serialized config); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from lmdistill import __version__
+from lmdistill.config import InitConfig, load_yaml
+from lmdistill.errors import LmdistillError
+
+
+def _init(config: InitConfig) -> None:
+    from lmdistill.init.run import format_report, run_init
+
+    print(format_report(run_init(config), config.out))
+
+
+# name -> (config dataclass, run function, one-line description)
+COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+    "init": (InitConfig, _init, "initialize a student from a teacher (random, weight-selection, guide, guide-all)"),
+}
+
+
+def parse_config(config_class: type, args: list[str], prog: str) -> Any:
+    """Build `config_class` from a YAML file given by `--config` (optional) and command-line flags.
+
+    Args:
+        config_class: the command's config dataclass.
+        args: the command's arguments.
+        prog: program name for usage messages.
+
+    Returns:
+        The validated config instance.
+    """
+    parser = HfArgumentParser(config_class, prog=prog, description=config_class.__doc__)
+    parser.add_argument("--config", help="YAML file setting any of these options; command-line flags override it")
+    known, _ = parser.parse_known_args(args)
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config, config_class))
+    config, _extra = parser.parse_args_into_dataclasses(args)
+    return config
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:{width}s}  {description}" for name, (_, _, description) in COMMANDS.items())
+    return f"usage: lmdistill COMMAND [options]   (lmdistill COMMAND --help for its options)\n\ncommands:\n{rows}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lmdistill` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"lmdistill {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"lmdistill: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    config_class, run, _ = COMMANDS[name]
+    try:
+        run(parse_config(config_class, argv[1:], prog=f"lmdistill {name}"))
+    except LmdistillError as exc:
+        print(f"lmdistill {name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
