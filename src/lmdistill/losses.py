@@ -1,0 +1,582 @@
+"""Distillation losses: cross-entropy, dense and top-k (sparse) KD divergences, and a chunked fused path.
+
+Conventions shared by every public function:
+
+* ``labels`` are already aligned with the logits: the logits at position ``t`` predict ``labels[t]`` (the caller
+  shifts). Positions whose label is ``ignore_index`` are dropped before anything is computed, for CE and KD alike, so
+  whatever the logits hold there (padding, even NaN) changes neither the loss nor any gradient.
+* Every loss is ``(sum over valid positions) / num_items``. ``num_items`` defaults to this call's number of valid
+  positions; a training loop with gradient accumulation passes the global number of valid tokens over all
+  micro-batches (and processes), which makes the accumulated gradient exactly the full-batch one. ``num_items`` is
+  clamped to at least 1, so a call without valid positions returns a 0 that is still attached to the graph.
+* Softmax and log-softmax always run in float32 (float64 inputs stay float64), whatever the input dtype.
+* Temperature ``τ`` softens both distributions (``logits / τ``) and the divergence is multiplied by ``τ²`` so that
+  gradient magnitudes stay comparable across temperatures (Hinton et al., 2015): for forward KL the gradient of
+  ``τ² · KL`` with respect to the student logits ``s`` at one position is ``τ · (softmax(s/τ) - softmax(t/τ))``.
+"""
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from lmdistill.errors import LmdistillError
+
+__all__ = [
+    "DIVERGENCE_KINDS",
+    "DivergenceKind",
+    "chunked_distill_loss",
+    "cross_entropy",
+    "divergence",
+    "kd_loss",
+    "sparse_kd_loss",
+]
+
+DivergenceKind = Literal["forward-kl", "reverse-kl", "jsd", "skew-forward-kl", "skew-reverse-kl", "tvd"]
+DIVERGENCE_KINDS: tuple[str, ...] = get_args(DivergenceKind)
+
+# Log-probabilities are clamped to this floor: exp() of it is exactly 0 in float32 and float64, but unlike -inf it
+# keeps (log p - log q) and every gradient finite where a probability is 0 (masked vocab entries, empty tail buckets).
+_LOG_FLOOR = -1e30
+# Lower bound on the teacher's tail mass when K < V: 1 - sum(p_k) below this is rounding noise, and an exact 0 would
+# make reverse KL infinite whenever the student puts any mass outside the teacher's top-k.
+_MIN_TAIL_MASS = 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_divergence_args(kind: str, beta: float, alpha: float) -> None:
+    if kind not in DIVERGENCE_KINDS:
+        raise LmdistillError(f"unknown divergence kind {kind!r}; expected one of: {', '.join(DIVERGENCE_KINDS)}")
+    if not 0.0 <= beta <= 1.0:
+        raise LmdistillError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise LmdistillError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise LmdistillError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def _check_num_items(num_items: int | Tensor | None) -> None:
+    if num_items is None:
+        return
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise LmdistillError(
+                f"num_items must be an int or a 0-dim tensor, got a tensor of shape {tuple(num_items.shape)}"
+            )
+    elif num_items < 0:
+        raise LmdistillError(f"num_items must be >= 0, got {num_items}")
+
+
+def _check_logits_labels(name: str, logits: Tensor, labels: Tensor) -> None:
+    if logits.dim() < 2:
+        raise LmdistillError(f"{name} must have shape [B, T, V], got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise LmdistillError(
+            f"labels shape {tuple(labels.shape)} does not match {name} shape {tuple(logits.shape)} "
+            f"(expected labels of shape {tuple(logits.shape[:-1])})"
+        )
+
+
+def _check_sparse_teacher(teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor, vocab_size: int) -> None:
+    if tuple(teacher_ids.shape) != tuple(teacher_logprobs.shape):
+        raise LmdistillError(
+            f"teacher_ids shape {tuple(teacher_ids.shape)} does not match "
+            f"teacher_logprobs shape {tuple(teacher_logprobs.shape)}"
+        )
+    if teacher_ids.dim() < 1 or tuple(teacher_ids.shape[:-1]) != tuple(labels.shape):
+        raise LmdistillError(
+            f"teacher_ids shape {tuple(teacher_ids.shape)} does not match labels shape {tuple(labels.shape)} "
+            f"(expected {tuple(labels.shape) + ('K',)})"
+        )
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or teacher_ids.dtype == torch.bool:
+        raise LmdistillError(f"teacher_ids must be an integer tensor, got {teacher_ids.dtype}")
+    if not teacher_logprobs.dtype.is_floating_point:
+        raise LmdistillError(f"teacher_logprobs must be a floating-point tensor, got {teacher_logprobs.dtype}")
+    k = teacher_ids.shape[-1]
+    if not 1 <= k <= vocab_size:
+        raise LmdistillError(f"top-k size K={k} must be in [1, V={vocab_size}]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Divergences
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float32 for every floating dtype but float64, which stays: softmax never runs in half precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) over the last dim of floored log-probs: [..., C] -> [...]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mix(log_p: Tensor, log_q: Tensor, w: float) -> Tensor:
+    """log(w·p + (1 - w)·q), elementwise in log space, for w in [0, 1]."""
+    log_w = math.log(w) if w > 0 else -math.inf
+    log_1mw = math.log1p(-w) if w < 1 else -math.inf
+    return torch.logaddexp(log_p + log_w, log_q + log_1mw)
+
+
+def divergence(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    kind: DivergenceKind,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """Per-position divergence between a student and a teacher distribution given as log-probabilities.
+
+    With ``p_T`` the teacher and ``p_S`` the student distribution over the last dim:
+
+    * ``forward-kl``: KL(p_T‖p_S), mean-seeking.
+    * ``reverse-kl``: KL(p_S‖p_T), mode-seeking.
+    * ``jsd``: generalized Jensen-Shannon divergence in TRL's GKD convention (Agarwal et al. 2024): with the mixture
+      ``m = β·p_T + (1-β)·p_S`` (computed in log space), ``β·KL(p_T‖m) + (1-β)·KL(p_S‖m)``. As in TRL the endpoints
+      are special-cased: ``β = 0`` gives exactly forward KL(p_T‖p_S) and ``β = 1`` exactly reverse KL(p_S‖p_T).
+      (The mixture formula itself tends to 0 at both ends, so the loss jumps at β ∈ {0, 1}; ``β = 0.5`` is the
+      symmetric Jensen-Shannon divergence.)
+    * ``skew-forward-kl``: KL(p_T ‖ α·p_T + (1-α)·p_S), ``skew-reverse-kl``: KL(p_S ‖ α·p_S + (1-α)·p_T)
+      (DistiLLM, Ko et al. 2024); ``α = 0`` gives the plain KL, ``α = 1`` gives 0.
+    * ``tvd``: total variation distance ½·Σ|p_T - p_S|.
+
+    Log-probabilities of -inf (probability 0) are allowed: they are clamped to a finite floor whose exp() is 0, so
+    terms with a zero probability contribute exactly 0 and gradients stay finite. A divergence that is truly
+    infinite (e.g. forward KL where p_S = 0 < p_T) therefore comes out huge but finite.
+
+    Args:
+        student_logprobs: ``[N, C]`` student log-probabilities, normalized over the last dim (any leading dims work).
+        teacher_logprobs: ``[N, C]`` teacher log-probabilities, same shape.
+        kind: Which divergence, see above.
+        beta: JSD interpolation coefficient in [0, 1]; only used by ``jsd``.
+        alpha: Skew coefficient in [0, 1]; only used by ``skew-forward-kl`` and ``skew-reverse-kl``.
+
+    Returns:
+        ``[N]`` divergence per position, in float32 (float64 if an input is float64).
+
+    Raises:
+        LmdistillError: (a ValueError) on mismatched shapes, an unknown kind, or β, α outside [0, 1].
+    """
+    if tuple(student_logprobs.shape) != tuple(teacher_logprobs.shape):
+        raise LmdistillError(
+            f"student_logprobs shape {tuple(student_logprobs.shape)} does not match "
+            f"teacher_logprobs shape {tuple(teacher_logprobs.shape)}"
+        )
+    if student_logprobs.dim() < 1:
+        raise LmdistillError("divergence needs at least one (class) dimension, got 0-dim tensors")
+    _check_divergence_args(kind, beta, alpha)
+
+    dtype = torch.promote_types(_upcast(student_logprobs).dtype, _upcast(teacher_logprobs).dtype)
+    log_s = student_logprobs.to(dtype).clamp(min=_LOG_FLOOR)
+    log_t = teacher_logprobs.to(dtype).clamp(min=_LOG_FLOOR)
+
+    if kind == "forward-kl":
+        return _kl(log_t, log_s)
+    if kind == "reverse-kl":
+        return _kl(log_s, log_t)
+    if kind == "jsd":
+        if beta == 0.0:
+            return _kl(log_t, log_s)
+        if beta == 1.0:
+            return _kl(log_s, log_t)
+        log_m = _log_mix(log_t, log_s, beta)
+        return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    if kind == "skew-forward-kl":
+        return _kl(log_t, _log_mix(log_t, log_s, alpha))
+    if kind == "skew-reverse-kl":
+        return _kl(log_s, _log_mix(log_s, log_t, alpha))
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)  # tvd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sums over valid positions (shared by the public losses and the chunked path)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _normalize(loss_sum: Tensor, valid: Tensor, num_items: int | Tensor | None) -> Tensor:
+    """Divide a summed loss by num_items (default: this call's valid-position count), clamped to >= 1."""
+    if num_items is None:
+        return loss_sum / valid.sum().clamp(min=1)
+    if isinstance(num_items, Tensor):
+        return loss_sum / num_items.reshape(()).to(loss_sum.device).clamp(min=1)
+    return loss_sum / max(int(num_items), 1)
+
+
+def _ce_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """[N, V] logits, [N] targets -> summed token cross-entropy (float32 softmax)."""
+    return F.cross_entropy(_upcast(logits), targets, reduction="sum")
+
+
+def _dense_kd_sum(
+    student_logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float, beta: float, alpha: float
+) -> Tensor:
+    """[N, V] student and teacher logits -> τ² · Σ_positions divergence at temperature τ."""
+    log_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_t = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    return divergence(log_s, log_t, kind, beta=beta, alpha=alpha).sum() * temperature**2
+
+
+def _sparse_buckets(
+    student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Coarsen both distributions to the K teacher ids plus one tail bucket.
+
+    Args:
+        student_logits: ``[N, V]`` student logits.
+        teacher_ids: ``[N, K]`` int64 teacher top-k ids (distinct within a row).
+        teacher_logprobs: ``[N, K]`` teacher log-probs of those ids at τ = 1.
+        temperature: τ > 0.
+
+    Returns:
+        ``([N, K+1], [N, K+1])`` student and teacher log-probabilities over the buckets, tail bucket last.
+    """
+    vocab, k = student_logits.shape[-1], teacher_ids.shape[-1]
+    ids = teacher_ids.long()
+
+    s = _upcast(student_logits) / temperature  # [N, V]
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # [N, 1]
+    s_top = s.gather(-1, ids) - log_z  # [N, K]
+    # Tail = logsumexp over the ids outside the top-k: no 1 - Σq cancellation. Filling the top-k with a finite floor
+    # (not -inf) keeps this finite with finite gradients even when the top-k covers the whole vocab.
+    s_tail = torch.logsumexp(s.scatter(-1, ids, _LOG_FLOOR), dim=-1, keepdim=True) - log_z  # [N, 1]
+    student = torch.cat([s_top, s_tail], dim=-1)
+
+    t_top = _upcast(teacher_logprobs)  # [N, K]
+    if k == vocab:
+        t_tail = torch.full_like(t_top[..., :1], -math.inf)
+    else:
+        # r = 1 - Σ_k p_k, from log Σ_k p_k via expm1 (accurate when r is small).
+        mass = -torch.expm1(torch.logsumexp(t_top, dim=-1, keepdim=True))
+        log_r = mass.clamp(min=_MIN_TAIL_MASS).log()  # [N, 1]
+        # Tail spread uniformly over the V-K unseen ids, each tempered: (V-K) · (r / (V-K))^(1/τ).
+        log_unseen = math.log(vocab - k)
+        t_tail = log_r / temperature + (1.0 - 1.0 / temperature) * log_unseen
+    teacher = F.log_softmax(torch.cat([t_top / temperature, t_tail], dim=-1), dim=-1)
+    return student, teacher
+
+
+def _sparse_kd_sum(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    kind: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+) -> Tensor:
+    """[N, V] student logits, [N, K] teacher ids and log-probs -> τ² · Σ_positions bucketed divergence."""
+    log_s, log_t = _sparse_buckets(student_logits, teacher_ids, teacher_logprobs, temperature)
+    return divergence(log_s, log_t, kind, beta=beta, alpha=alpha).sum() * temperature**2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public losses on full logits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    student_logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    num_items: int | Tensor | None = None,
+) -> Tensor:
+    """Token cross-entropy against the labels, summed over valid positions and divided by ``num_items``.
+
+    Args:
+        student_logits: ``[B, T, V]`` logits (any float dtype; the softmax runs in float32).
+        labels: ``[B, T]`` int64 targets aligned with the logits; ``ignore_index`` marks masked positions.
+        ignore_index: Label value of masked positions.
+        num_items: Normalizer: an int or 0-dim tensor (e.g. the global count of valid tokens across accumulation
+            micro-batches and processes). Defaults to this call's number of valid positions.
+
+    Returns:
+        Scalar loss (0, still attached to the graph, if no position is valid).
+    """
+    _check_logits_labels("student_logits", student_logits, labels)
+    _check_num_items(num_items)
+    valid = labels != ignore_index  # [B, T]
+    return _normalize(_ce_sum(student_logits[valid], labels[valid]), valid, num_items)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    kind: DivergenceKind = "forward-kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ignore_index: int = -100,
+    num_items: int | Tensor | None = None,
+) -> Tensor:
+    """Dense logit distillation: ``τ² · Σ_valid divergence(softmax(s/τ), softmax(t/τ)) / num_items``.
+
+    Gradients flow into ``teacher_logits`` too if it requires grad; compute the teacher under ``torch.no_grad()``.
+
+    Args:
+        student_logits: ``[B, T, V]`` student logits.
+        teacher_logits: ``[B, T, V]`` teacher logits over the same vocabulary.
+        labels: ``[B, T]`` labels, used only for the ``ignore_index`` mask.
+        kind: Divergence, see :func:`divergence`.
+        temperature: τ > 0; both distributions are softened by it and the divergence is scaled by τ².
+        beta: JSD coefficient in [0, 1].
+        alpha: Skew-KL coefficient in [0, 1].
+        ignore_index: Label value of masked positions.
+        num_items: Normalizer, see :func:`cross_entropy`.
+
+    Returns:
+        Scalar loss.
+    """
+    _check_logits_labels("student_logits", student_logits, labels)
+    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+        raise LmdistillError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
+            f"student_logits shape {tuple(student_logits.shape)}"
+        )
+    _check_divergence_args(kind, beta, alpha)
+    _check_temperature(temperature)
+    _check_num_items(num_items)
+    valid = labels != ignore_index  # [B, T]
+    loss_sum = _dense_kd_sum(student_logits[valid], teacher_logits[valid], kind, temperature, beta, alpha)
+    return _normalize(loss_sum, valid, num_items)
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor,
+    *,
+    kind: DivergenceKind = "forward-kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ignore_index: int = -100,
+    num_items: int | Tensor | None = None,
+) -> Tensor:
+    """Distillation from a cached teacher top-k: the divergence between both distributions coarsened to K+1 buckets.
+
+    The teacher is known on its top-K ids plus the tail mass ``r = 1 - Σ_k p_k`` (clamped to >= 1e-10 when K < V).
+    Both distributions are coarsened to the K ids and one "tail" bucket; the student's tail is the logsumexp of its
+    log-probs outside the top-k (not ``1 - Σ q_k``). :func:`divergence` is then applied to the K+1 buckets, and the
+    result is scaled by τ². With K = V this equals :func:`kd_loss` (the tail buckets are empty and contribute 0).
+
+    Temperature approximation: the cache holds τ = 1 log-probs only. For τ != 1 the teacher's top-k are tempered as
+    ``p_k^(1/τ)``, the tail is assumed spread uniformly over the V - K unseen ids (each ``r / (V-K)``, tempered to
+    ``(r / (V-K))^(1/τ)``), and the K+1 buckets are renormalized. The student is tempered exactly (``logits / τ``)
+    before bucketing. This is exact for τ = 1 and for K = V; otherwise, for τ > 1, the uniform tail gives the
+    largest tempered tail mass compatible with ``r`` (an upper bound on the true one).
+
+    Args:
+        student_logits: ``[B, T, V]`` student logits.
+        teacher_ids: ``[B, T, K]`` int64 teacher top-k token ids, distinct within each position.
+        teacher_logprobs: ``[B, T, K]`` teacher log-probs of those ids at τ = 1 (any float dtype; -inf allowed).
+        labels: ``[B, T]`` labels, used only for the ``ignore_index`` mask.
+        kind: Divergence, see :func:`divergence`.
+        temperature: τ > 0.
+        beta: JSD coefficient in [0, 1].
+        alpha: Skew-KL coefficient in [0, 1].
+        ignore_index: Label value of masked positions.
+        num_items: Normalizer, see :func:`cross_entropy`.
+
+    Returns:
+        Scalar loss.
+    """
+    _check_logits_labels("student_logits", student_logits, labels)
+    _check_sparse_teacher(teacher_ids, teacher_logprobs, labels, student_logits.shape[-1])
+    _check_divergence_args(kind, beta, alpha)
+    _check_temperature(temperature)
+    _check_num_items(num_items)
+    valid = labels != ignore_index  # [B, T]
+    loss_sum = _sparse_kd_sum(
+        student_logits[valid], teacher_ids[valid], teacher_logprobs[valid], kind, temperature, beta, alpha
+    )
+    return _normalize(loss_sum, valid, num_items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked path: logits are never materialized for the whole batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_losses(
+    hidden: Tensor,
+    head: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Tensor | None,
+    teacher_ids: Tensor | None,
+    teacher_logprobs: Tensor | None,
+    kind: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """One chunk of n valid positions -> (CE sum, KD sum); the [n, V] logits live only inside this call."""
+    logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
+    ce = _ce_sum(logits, targets)
+    if teacher_hidden is not None and teacher_head is not None:
+        teacher_logits = F.linear(teacher_hidden, teacher_head.to(teacher_hidden.dtype))  # [n, V]
+        kd = _dense_kd_sum(logits, teacher_logits, kind, temperature, beta, alpha)
+    elif teacher_ids is not None and teacher_logprobs is not None:
+        kd = _sparse_kd_sum(logits, teacher_ids, teacher_logprobs, kind, temperature, beta, alpha)
+    else:
+        kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    return ce, kd
+
+
+def chunked_distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+    kd_weight: float = 0.0,
+    kind: DivergenceKind = "forward-kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ignore_index: int = -100,
+    num_items: int | Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE and KD from hidden states and LM-head weights, without ever materializing full-batch logits.
+
+    The valid positions are gathered first (masked positions need no logits), then processed ``chunk_size`` at a
+    time; each chunk's logits and losses are computed under ``torch.utils.checkpoint`` (non-reentrant), so the
+    ``[n, V]`` float32 logits of a chunk exist only transiently, in the forward and again in the backward, and the
+    full ``[B, T, V]`` student or teacher logits never do. Teacher tensors are detached (constants). The logit
+    matmul runs in the hidden states' dtype (the head is cast to it), the softmax in float32. Values equal
+    :func:`cross_entropy` plus :func:`kd_loss` / :func:`sparse_kd_loss` on the full logits, up to summation order.
+
+    Args:
+        student_hidden: ``[B, T, d_S]`` student hidden states (output of the final norm).
+        student_head: ``[V, d_S]`` student LM-head weight (no bias).
+        labels: ``[B, T]`` int64 targets aligned with the hidden states; ``ignore_index`` marks masked positions.
+        teacher_hidden: ``[B, T, d_T]`` teacher hidden states (dense teacher), with ``teacher_head``.
+        teacher_head: ``[V, d_T]`` teacher LM-head weight.
+        teacher_ids: ``[B, T, K]`` teacher top-k ids (sparse teacher), with ``teacher_logprobs``.
+        teacher_logprobs: ``[B, T, K]`` teacher log-probs of those ids at τ = 1; see :func:`sparse_kd_loss`.
+        kd_weight: Weight w in [0, 1] of KD in ``total = (1 - w)·ce + w·kd``; must be 0 without a teacher.
+        kind: Divergence, see :func:`divergence`.
+        temperature: τ > 0 for KD (CE is always at τ = 1).
+        beta: JSD coefficient in [0, 1].
+        alpha: Skew-KL coefficient in [0, 1].
+        ignore_index: Label value of masked positions.
+        num_items: Normalizer for both CE and KD, see :func:`cross_entropy`.
+        chunk_size: Number of valid positions per chunk.
+
+    Returns:
+        ``(total, ce, kd)`` scalars, each normalized by ``num_items``; ``kd`` is 0 without a teacher.
+    """
+    if student_hidden.dim() < 2 or tuple(labels.shape) != tuple(student_hidden.shape[:-1]):
+        raise LmdistillError(
+            f"labels shape {tuple(labels.shape)} does not match student_hidden shape {tuple(student_hidden.shape)} "
+            f"(expected student_hidden [B, T, d_S] and labels [B, T])"
+        )
+    d_s = student_hidden.shape[-1]
+    if student_head.dim() != 2 or student_head.shape[1] != d_s:
+        raise LmdistillError(
+            f"student_head shape {tuple(student_head.shape)} does not match student_hidden shape "
+            f"{tuple(student_hidden.shape)} (expected [V, {d_s}])"
+        )
+    vocab = student_head.shape[0]
+    dense = teacher_hidden is not None or teacher_head is not None
+    sparse = teacher_ids is not None or teacher_logprobs is not None
+    if dense and sparse:
+        raise LmdistillError("pass either teacher_hidden/teacher_head or teacher_ids/teacher_logprobs, not both")
+    if dense:
+        if teacher_hidden is None or teacher_head is None:
+            raise LmdistillError("teacher_hidden and teacher_head must be passed together")
+        if teacher_hidden.dim() < 2 or tuple(teacher_hidden.shape[:-1]) != tuple(labels.shape):
+            raise LmdistillError(
+                f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match labels shape "
+                f"{tuple(labels.shape)} (expected {tuple(labels.shape) + ('d_T',)})"
+            )
+        if tuple(teacher_head.shape) != (vocab, teacher_hidden.shape[-1]):
+            raise LmdistillError(
+                f"teacher_head shape {tuple(teacher_head.shape)} does not match teacher_hidden shape "
+                f"{tuple(teacher_hidden.shape)} and student vocab size {vocab} "
+                f"(expected {(vocab, teacher_hidden.shape[-1])})"
+            )
+    if sparse:
+        if teacher_ids is None or teacher_logprobs is None:
+            raise LmdistillError("teacher_ids and teacher_logprobs must be passed together")
+        _check_sparse_teacher(teacher_ids, teacher_logprobs, labels, vocab)
+    if not 0.0 <= kd_weight <= 1.0:
+        raise LmdistillError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    if not (dense or sparse) and kd_weight != 0.0:
+        raise LmdistillError(f"kd_weight is {kd_weight} but no teacher was passed (CE-only needs kd_weight=0)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise LmdistillError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_divergence_args(kind, beta, alpha)
+    _check_temperature(temperature)
+    _check_num_items(num_items)
+
+    valid = labels != ignore_index  # [B, T]
+    flat = valid.reshape(-1)
+    hidden = student_hidden.reshape(-1, d_s)[flat]  # [N, d_S]
+    targets = labels.reshape(-1)[flat]  # [N]
+    t_hidden = t_head = t_ids = t_logprobs = None
+    if dense:
+        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[flat]  # [N, d_T]
+        t_head = teacher_head.detach()
+    if sparse:
+        k = teacher_ids.shape[-1]
+        t_ids = teacher_ids.reshape(-1, k)[flat]  # [N, K]
+        t_logprobs = teacher_logprobs.detach().reshape(-1, k)[flat]  # [N, K]
+
+    use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad)
+    n = hidden.shape[0]
+    ce_parts: list[Tensor] = []
+    kd_parts: list[Tensor] = []
+    # range(0, max(n, 1)) runs one empty chunk when nothing is valid, so the zero loss keeps its graph.
+    for start in range(0, max(n, 1), chunk_size):
+        rows = slice(start, start + chunk_size)
+        args = (
+            hidden[rows],
+            student_head,
+            targets[rows],
+            None if t_hidden is None else t_hidden[rows],
+            t_head,
+            None if t_ids is None else t_ids[rows],
+            None if t_logprobs is None else t_logprobs[rows],
+            kind,
+            temperature,
+            beta,
+            alpha,
+        )
+        if use_checkpoint:
+            ce_c, kd_c = checkpoint(_chunk_losses, *args, use_reentrant=False)
+        else:
+            ce_c, kd_c = _chunk_losses(*args)
+        ce_parts.append(ce_c)
+        kd_parts.append(kd_c)
+
+    ce = _normalize(torch.stack(ce_parts).sum(), valid, num_items)
+    kd = _normalize(torch.stack(kd_parts).sum(), valid, num_items)
+    # Skip the zero-weighted term rather than multiply it by 0 (no wasted backward, no 0·inf).
+    if kd_weight == 0.0:
+        total = ce
+    elif kd_weight == 1.0:
+        total = kd
+    else:
+        total = (1.0 - kd_weight) * ce + kd_weight * kd
+    return total, ce, kd
