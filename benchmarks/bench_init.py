@@ -17,7 +17,7 @@ import time
 import torch
 
 from lmdistill.data import builtin_sample_text
-from lmdistill.evaluate import heldout_loss
+from lmdistill.evaluate import heldout_loss, token_blocks
 from lmdistill.init.build import INIT_METHODS, build_student
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher
@@ -49,7 +49,7 @@ def main() -> None:
         num_kv_heads=args.num_kv_heads,
         intermediate_size=args.intermediate_size,
     )
-    sample = teacher.tokenizer(builtin_sample_text())["input_ids"]
+    sample = token_blocks(teacher.tokenizer(builtin_sample_text())["input_ids"], 128)
 
     init_s, step0, variance = {}, {}, None
     for method in INIT_METHODS:
@@ -64,7 +64,9 @@ def main() -> None:
             variance = result.explained_variance
     teacher_loss = heldout_loss(teacher.model, sample)
 
-    print(f"teacher {teacher.name}: loaded in {load_s:.2f} s, step-0 loss {teacher_loss:.3f} on {len(sample)} tokens")
+    print(
+        f"teacher {teacher.name}: loaded in {load_s:.2f} s, step-0 loss {teacher_loss:.3f} on {sample.numel()} tokens"
+    )
     print(f"student {shape}, {result.student.num_parameters() / 1e6:.1f}M parameters")
     print(f"{'method':18s} {'init s':>8s} {'step-0 loss':>12s}")
     for method in INIT_METHODS:
@@ -80,7 +82,7 @@ def main() -> None:
                 "init_s": init_s,
                 "teacher_loss": teacher_loss,
                 "teacher_load_s": load_s,
-                "heldout_tokens": len(sample),
+                "heldout_tokens": sample.numel(),
                 "student_parameters": result.student.num_parameters(),
                 "threads": torch.get_num_threads(),
                 "torch": env["torch"],

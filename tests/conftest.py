@@ -17,7 +17,9 @@ def tiny_config(kind: str, **overrides) -> PretrainedConfig:
     """A 3-block teacher config of width 32: llama (GQA 4/2), qwen2 (q/k/v biases), qwen3 (q/k norms) or gpt2."""
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     if kind == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, layer_norm_epsilon=1e-12, **common, **overrides)
+        return GPT2Config(
+            n_embd=32, n_layer=3, n_head=4, n_positions=64, layer_norm_epsilon=1e-12, **common, **overrides
+        )
     llama_like = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -62,7 +64,7 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = "the a of and to in is was it that for on with as by at from this be are".split()
-    words += list("abcdefghijklmnopqrstuvwxyz.,;:!?'\"-()0123456789")
+    words += list("bcdefghijklmnopqrstuvwxyz.,;:!?'\"-()0123456789")  # "a" is a word already
     vocab = {token: i for i, token in enumerate(["<s>", "</s>", "<unk>", *words])}
     vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -13,8 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.cli import main
 
-SMALL = ["--hidden-size", "16", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
-         "--intermediate-size", "24"]
+SMALL = [
+    "--hidden-size",
+    "16",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "2",
+    "--num-kv-heads",
+    "1",
+    "--intermediate-size",
+    "24",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +105,16 @@ def test_unknown_command_and_unknown_choice_are_refused(capsys):
         main(["init", "--method", "magic", "--out", "x"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_command_table_is_the_documented_one():
+    from pathlib import Path
+
+    from lmdistill.cli import COMMANDS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    documented = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert documented == list(COMMANDS)
+    for name, (_, _, description) in COMMANDS.items():
+        assert f"| `{name}` | {description} |" in section

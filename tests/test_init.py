@@ -77,8 +77,9 @@ def test_gqa_selection_maps_every_query_head_onto_a_kept_kv_head(teacher_heads, 
     assert torch.equal(idx.head_dims[half:], idx.head_dims[:half] + t.head_dim // 2)
 
 
-@pytest.mark.parametrize("kind, tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True),
-                                        ("gpt2", True)])
+@pytest.mark.parametrize(
+    "kind, tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True), ("gpt2", True)]
+)
 def test_weight_selection_with_nothing_cut_reproduces_the_teacher(kind, tied, tokens):
     teacher = tiny_teacher(kind, tie_word_embeddings=tied)
     student = build_student(teacher, shape_of(teacher), "weight-selection").student

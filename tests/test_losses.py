@@ -203,8 +203,10 @@ def test_cross_entropy_matches_torch():
     torch.testing.assert_close(cross_entropy(s, labels), ref, atol=1e-13, rtol=1e-12)
     # ignore_index is honoured when it is not -100
     labels7 = labels.masked_fill(labels == -100, 7)
-    torch.testing.assert_close(cross_entropy(s, labels7, ignore_index=7),
-                               F.cross_entropy(s.reshape(-1, v), labels7.reshape(-1), ignore_index=7))
+    torch.testing.assert_close(
+        cross_entropy(s, labels7, ignore_index=7),
+        F.cross_entropy(s.reshape(-1, v), labels7.reshape(-1), ignore_index=7),
+    )
 
 
 def test_hand_computed_values_on_a_fixed_example():
@@ -329,8 +331,9 @@ def test_ignored_positions_change_nothing(kind):
     grads = []
     for h, th in ((h0, th0), (h1, th1)):
         h = h.clone().requires_grad_()
-        total, _, _ = chunked_distill_loss(h, head, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=0.5,
-                                           kind=kind, chunk_size=3)
+        total, _, _ = chunked_distill_loss(
+            h, head, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=0.5, kind=kind, chunk_size=3
+        )
         grads.append((total.detach(), *torch.autograd.grad(total, (h, head))))
     for x, y in zip(*grads):
         assert torch.equal(x, y)
@@ -529,8 +532,9 @@ def test_chunked_weights_num_items_and_constant_teacher():
     th, t_head = th.clone().requires_grad_(), t_head.clone().requires_grad_()
     for w in (0.0, 1.0):
         h = h0.clone().requires_grad_()
-        total, ce, kd = chunked_distill_loss(h, head0, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=w,
-                                             chunk_size=4, num_items=100)
+        total, ce, kd = chunked_distill_loss(
+            h, head0, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=w, chunk_size=4, num_items=100
+        )
         assert torch.equal(total, ce if w == 0.0 else kd)
         n = int((labels != -100).sum())
         ref_ce = cross_entropy(h.detach() @ head0.T, labels)
@@ -545,8 +549,9 @@ def test_chunked_low_precision_runs_and_is_close():
     ref = chunked_distill_loss(h, head, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=0.5, chunk_size=4)
     hb = h.bfloat16().requires_grad_()
     headb = head.bfloat16().requires_grad_()
-    out = chunked_distill_loss(hb, headb, labels, teacher_hidden=th.bfloat16(), teacher_head=t_head.bfloat16(),
-                               kd_weight=0.5, chunk_size=4)
+    out = chunked_distill_loss(
+        hb, headb, labels, teacher_hidden=th.bfloat16(), teacher_head=t_head.bfloat16(), kd_weight=0.5, chunk_size=4
+    )
     for got, want in zip(out, ref):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want.float(), atol=0.05, rtol=0.05)
@@ -581,8 +586,9 @@ def test_chunking_keeps_full_logits_out_of_the_saved_tensors():
         return 0.5 * cross_entropy(logits, labels) + 0.5 * kd_loss(logits, th @ t_head.T, labels)
 
     def chunked():
-        return chunked_distill_loss(h, head, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=0.5,
-                                    chunk_size=128)[0]
+        return chunked_distill_loss(
+            h, head, labels, teacher_hidden=th, teacher_head=t_head, kd_weight=0.5, chunk_size=128
+        )[0]
 
     full_logits_bytes = b * t * v * 4
     unchunked_bytes = _bytes_saved_for_backward(unchunked)
@@ -621,14 +627,22 @@ def test_bad_arguments_raise_value_error_naming_the_problem():
         (lambda: sparse_kd_loss(s, *topk_cache(torch.randn(2, 3, 6), 6), labels), "K=6"),
         (lambda: chunked_distill_loss(h, head, labels, kd_weight=0.5), "no teacher"),
         (lambda: chunked_distill_loss(h, head, labels, teacher_hidden=h), "together"),
-        (lambda: chunked_distill_loss(h, head, labels, teacher_ids=ids, teacher_logprobs=lps, teacher_hidden=h,
-                                      teacher_head=head), "not both"),
-        (lambda: chunked_distill_loss(h, head, labels, teacher_ids=ids, teacher_logprobs=lps, kd_weight=2.0),
-         "kd_weight"),
+        (
+            lambda: chunked_distill_loss(
+                h, head, labels, teacher_ids=ids, teacher_logprobs=lps, teacher_hidden=h, teacher_head=head
+            ),
+            "not both",
+        ),
+        (
+            lambda: chunked_distill_loss(h, head, labels, teacher_ids=ids, teacher_logprobs=lps, kd_weight=2.0),
+            "kd_weight",
+        ),
         (lambda: chunked_distill_loss(h, head, labels, chunk_size=0), "chunk_size"),
         (lambda: chunked_distill_loss(h, head[:, :3], labels), r"student_head shape \(5, 3\)"),
-        (lambda: chunked_distill_loss(h, head, labels, teacher_hidden=h, teacher_head=head[:4]),
-         r"teacher_head shape \(4, 4\)"),
+        (
+            lambda: chunked_distill_loss(h, head, labels, teacher_hidden=h, teacher_head=head[:4]),
+            r"teacher_head shape \(4, 4\)",
+        ),
         (lambda: chunked_distill_loss(h[:, :2], head, labels), r"labels shape \(2, 3\).*\(2, 2, 4\)"),
     ]
     for call, pattern in cases:

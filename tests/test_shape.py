@@ -27,7 +27,11 @@ def test_unspecified_sizes_come_from_the_teacher():
 @pytest.mark.parametrize(
     "kind, sizes, message",
     [
-        ("llama", dict(hidden_size=64), r"--hidden-size 64 is larger than the teacher's 32; choose --hidden-size <= 32"),
+        (
+            "llama",
+            dict(hidden_size=64),
+            r"--hidden-size 64 is larger than the teacher's 32; choose --hidden-size <= 32",
+        ),
         ("llama", dict(num_layers=4), r"--num-layers 4 is larger than the teacher's 3"),
         ("llama", dict(num_heads=8), r"--num-heads 8 is larger than the teacher's 4"),
         ("llama", dict(intermediate_size=65), r"--intermediate-size 65 is larger than the teacher's 64"),

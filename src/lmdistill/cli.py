@@ -5,6 +5,7 @@ Every command accepts `--config FILE.yaml` (a serialized config); flags given on
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from lmdistill import __version__
-from lmdistill.config import InitConfig, load_yaml
+from lmdistill.config import CacheTeacherConfig, EvalConfig, InitConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
 
 
@@ -23,9 +24,46 @@ def _init(config: InitConfig) -> None:
     print(format_report(run_init(config), config.out))
 
 
+def _train(config: TrainConfig) -> None:
+    from lmdistill.train.loop import run_train
+
+    summary = run_train(config)
+    if "final" in summary:
+        print(json.dumps(summary, indent=2))
+
+
+def _cache_teacher(config: CacheTeacherConfig) -> None:
+    from lmdistill.teacher_cache import run_cache_teacher
+
+    manifest = run_cache_teacher(config)
+    print(
+        f"teacher cache of {manifest['num_blocks']} blocks x {manifest['seq_len']} tokens, top-{manifest['top_k']}, "
+        f"written to {config.out}"
+    )
+
+
+def _eval(config: EvalConfig) -> None:
+    from lmdistill.evaluate import run_eval
+
+    results = run_eval(config)
+    for name in ("model", "baseline", "teacher"):
+        if name in results:
+            r = results[name]
+            print(f"{name:9s} val loss {r['val_loss']:.4f} nats/token, perplexity {r['val_ppl']:.2f}")
+    if "gap_closed_loss" in results:
+        print(
+            f"gap closed: {100 * results['gap_closed_loss']:.1f}% (loss), {100 * results['gap_closed_ppl']:.1f}% "
+            "(perplexity)"
+        )
+    print(f"results written to {results['written_to']}")
+
+
 # name -> (config dataclass, run function, one-line description)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "init": (InitConfig, _init, "initialize a student from a teacher (random, weight-selection, guide, guide-all)"),
+    "train": (TrainConfig, _train, "train a student with cross-entropy and/or distillation (online or cached teacher)"),
+    "cache-teacher": (CacheTeacherConfig, _cache_teacher, "store the teacher's top-k distributions for cached KD"),
+    "eval": (EvalConfig, _eval, "held-out loss and perplexity; with --teacher and --baseline, the gap closed"),
 }
 
 

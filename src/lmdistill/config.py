@@ -94,7 +94,9 @@ class InitConfig:
 
     teacher: str = field(
         default="default",
-        metadata={"help": "teacher: a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)"},
+        metadata={
+            "help": "teacher: a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)"
+        },
     )
     method: InitMethod = field(
         default="guide",
@@ -130,3 +132,133 @@ class InitConfig:
         """The shape flags, as keyword arguments of `derive_student_shape`."""
         names = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim")
         return {name: getattr(self, name) for name in names}
+
+
+LossMix = Literal["ce", "kd", "ce+kd"]
+KDLoss = Literal["forward-kl", "reverse-kl", "jsd", "skew-forward-kl", "skew-reverse-kl", "tvd"]
+
+
+@dataclass
+class TrainConfig:
+    """`lmdistill train`: train a student with cross-entropy and/or distillation from an online or cached teacher."""
+
+    student: str | None = field(default=None, metadata={"help": "student: a Hugging Face directory, e.g. from init"})
+    out: str | None = field(default=None, metadata={"help": "run directory (required); the student lands in OUT/final"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "online teacher: HF directory, .gguf file or 'default' (for kd losses)"}
+    )
+    teacher_cache: str | None = field(
+        default=None, metadata={"help": "directory written by `lmdistill cache-teacher` (instead of --teacher)"}
+    )
+    data: list[str] | None = field(
+        default=None, metadata={"help": "text files, directories or globs (default: the built-in offline corpus)"}
+    )
+    loss: LossMix = field(default="ce", metadata={"help": "ce, kd, or ce+kd mixed by --kd-weight"})
+    kd_loss: KDLoss = field(default="forward-kl", metadata={"help": "divergence between teacher and student"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kd loss (scaled by T^2)"})
+    kd_weight: float = field(default=0.5, metadata={"help": "ce+kd: loss = (1 - w) * ce + w * kd"})
+    beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight in [0, 1]"})
+    alpha: float = field(default=0.1, metadata={"help": "skew kl: skew in [0, 1]"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr (cosine)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast dtype of forward passes"})
+    chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of the loss (memory bound)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate on held-out data every N steps (0: at the end)"})
+    eval_tokens: int = field(default=32768, metadata={"help": "held-out tokens per evaluation"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and anything random"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.student is None or self.out is None:
+            raise LmdistillError("--student and --out are required")
+        if self.loss != "ce" and self.teacher is None and self.teacher_cache is None:
+            raise LmdistillError(f"--loss {self.loss} needs a teacher: pass --teacher or --teacher-cache")
+        if self.teacher is not None and self.teacher_cache is not None:
+            raise LmdistillError("pass either --teacher or --teacher-cache, not both")
+        for name in ("max_steps", "batch_size", "grad_accum", "chunk_size", "log_every", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise LmdistillError(f"--seq-len must be at least 2, got {self.seq_len}")
+        for name in ("save_every", "eval_every", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
+        for name in ("kd_weight", "beta", "alpha", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.temperature <= 0 or self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise LmdistillError("--temperature and --lr must be positive, --weight-decay and --grad-clip >= 0")
+        if self.warmup_steps > self.max_steps:
+            raise LmdistillError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
+
+    @property
+    def kd_share(self) -> float:
+        """Weight of the kd term in the loss: 0 for ce, 1 for kd, --kd-weight for ce+kd."""
+        return {"ce": 0.0, "kd": 1.0, "ce+kd": self.kd_weight}[self.loss]
+
+
+@dataclass
+class CacheTeacherConfig:
+    """`lmdistill cache-teacher`: store the teacher's top-k next-token distribution over the training blocks."""
+
+    teacher: str = field(default="default", metadata={"help": "teacher: HF directory, .gguf file or 'default'"})
+    out: str | None = field(default=None, metadata={"help": "cache directory (required)"})
+    data: list[str] | None = field(
+        default=None, metadata={"help": "text files, directories or globs (default: the built-in offline corpus)"}
+    )
+    seq_len: int = field(default=256, metadata={"help": "tokens per block; must match the training run"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
+    top_k: int = field(default=64, metadata={"help": "token ids kept per position"})
+    batch_size: int = field(default=8, metadata={"help": "blocks per teacher forward pass"})
+    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast of the teacher"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.out is None:
+            raise LmdistillError("--out is required: the directory to write the cache to")
+        if self.seq_len < 2 or self.top_k < 1 or self.batch_size < 1:
+            raise LmdistillError("--seq-len must be at least 2, --top-k and --batch-size at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    """`lmdistill eval`: held-out loss and perplexity; with --teacher and --baseline, the share of the gap closed."""
+
+    model: str | None = field(default=None, metadata={"help": "the model to evaluate: a Hugging Face directory"})
+    data: list[str] | None = field(
+        default=None, metadata={"help": "text files, directories or globs (default: the built-in offline corpus)"}
+    )
+    teacher: str | None = field(default=None, metadata={"help": "teacher to compare with (HF dir, .gguf, default)"})
+    baseline: str | None = field(default=None, metadata={"help": "baseline student (random init, same budget)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per block"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
+    eval_tokens: int | None = field(default=None, metadata={"help": "evaluate at most this many tokens (default: all)"})
+    batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
+    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={"help": "autocast of the forward passes"})
+    out: str | None = field(default=None, metadata={"help": "where to write the results (default: MODEL/eval.json)"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.model is None:
+            raise LmdistillError("--model is required: the Hugging Face directory to evaluate")
+        if self.seq_len < 2 or self.batch_size < 1 or (self.eval_tokens is not None and self.eval_tokens < 1):
+            raise LmdistillError("--seq-len must be at least 2, --batch-size and --eval-tokens at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")

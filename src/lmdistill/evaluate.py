@@ -1,55 +1,161 @@
-"""Held-out evaluation: cross-entropy per token and perplexity."""
+"""Held-out evaluation: cross-entropy per token, perplexity, and the share of the teacher-student gap closed."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from lmdistill.data.packed import check_same_vocabulary, prepare_data
+from lmdistill.losses import chunked_distill_loss
+from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.provenance import environment
+from lmdistill.train.distributed import Processes, all_reduce_sum
+
+
+def token_blocks(token_ids: list[int] | torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a token stream into non-overlapping blocks, dropping the partial tail.
+
+    Args:
+        token_ids: the stream [N].
+        seq_len: block length L.
+
+    Returns:
+        int64 [N // L, L].
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if ids.numel() < seq_len:
+        raise ValueError(f"need at least {seq_len} tokens, got {ids.numel()}")
+    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device for precision "bf16", else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Next-token targets of a batch of blocks: position t predicts token t + 1; the last position is ignored.
+
+    Args:
+        ids: int64 [B, L].
+
+    Returns:
+        int64 [B, L] with -100 in the last column.
+    """
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
 @torch.no_grad()
-def heldout_loss(model: PreTrainedModel, token_ids: list[int] | torch.Tensor, seq_len: int = 256, batch_size: int = 4) -> float:
-    """Mean cross-entropy (nats per predicted token) of `model` on a token stream cut into windows of `seq_len`.
+def heldout_loss(
+    model: PreTrainedModel,
+    blocks: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    chunk_size: int = 1024,
+    processes: Processes | None = None,
+) -> float:
+    """Mean cross-entropy (nats per predicted token) of a causal LM on held-out blocks.
 
-    Each window predicts its own tokens 2..n from the ones before; the last window may be shorter. Softmax in float32.
+    Each block predicts its tokens 2..L from the ones before. Softmax in float32, computed in chunks so the full
+    [B, L, V] logits are never materialized. Under `torchrun` each process takes every world-th batch and the sums
+    are reduced, so every process returns the same number.
 
     Args:
-        model: a causal LM.
-        token_ids: the token stream [N], N >= 2.
-        seq_len: window length.
-        batch_size: windows per forward pass.
+        model: a causal LM (a Hugging Face `PreTrainedModel`).
+        blocks: token ids [N, L].
+        batch_size: blocks per forward pass.
+        precision: "fp32" or "bf16" (autocast of the forward pass).
+        chunk_size: positions per chunk of the loss.
+        processes: the process group (None: alone, on the model's device).
 
     Returns:
-        Cross-entropy per predicted token (perplexity is its exponential).
+        Cross-entropy per predicted token; its exponential is the perplexity.
     """
-    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-    if ids.numel() < 2:
-        raise ValueError("need at least 2 tokens to evaluate a loss")
-    windows = [w for w in ids.split(seq_len) if w.numel() >= 2]
+    device = processes.device if processes else next(model.parameters()).device
+    rank, world = (processes.rank, processes.world) if processes else (0, 1)
+    head = model.get_output_embeddings().weight  # [V, d]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        width = max(w.numel() for w in batch)
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, w in enumerate(batch):
-            inputs[row, : w.numel()] = w
-            mask[row, : w.numel()] = 1
-            labels[row, : w.numel() - 1] = w[1:]  # position t predicts token t + 1
-        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
-        labels = labels.to(device)
-        total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
-        count += int((labels != -100).sum())
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+    for start in range(rank * batch_size, len(blocks), world * batch_size):
+        ids = torch.as_tensor(np.asarray(blocks[start : start + batch_size]), dtype=torch.long, device=device)
+        labels = shifted_labels(ids)
+        count = int((labels != -100).sum())
+        with autocast(device, precision):
+            hidden = model.base_model(input_ids=ids).last_hidden_state  # [B, L, d]
+            loss, _, _ = chunked_distill_loss(hidden, head, labels, chunk_size=chunk_size)
+        total += torch.tensor([loss.item() * count, count], dtype=torch.float64, device=device)
+    all_reduce_sum(total)
     model.train(was_training)
-    return total / count
+    return (total[0] / total[1]).item()
 
 
 def perplexity(loss: float) -> float:
     """Perplexity from a cross-entropy in nats per token."""
     return math.exp(loss)
+
+
+def gap_closed(base: float, method: float, teacher: float) -> float:
+    """Share of the teacher-student gap a method closes: (base - method) / (base - teacher).
+
+    Works for losses and for perplexities alike. 0 means no better than the baseline, 1 means as good as the
+    teacher, negative means worse than the baseline.
+
+    Args:
+        base: the baseline student's value (random init, same data and budget).
+        method: the evaluated student's value.
+        teacher: the teacher's value.
+
+    Returns:
+        The share (a fraction, not a percentage); NaN when the baseline equals the teacher.
+    """
+    gap = base - teacher
+    return (base - method) / gap if gap != 0 else float("nan")
+
+
+def run_eval(config: Any) -> dict[str, Any]:
+    """`lmdistill eval`: held-out loss and perplexity of a model, its teacher and a baseline, and the gap closed.
+
+    Args:
+        config: an `EvalConfig`.
+
+    Returns:
+        The results, also written to `config.out` (default `MODEL/eval.json`).
+    """
+    model, tokenizer, _ = load_hf_directory(Path(config.model), torch.float32)
+    data = prepare_data(config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction)
+    blocks = data.val if config.eval_tokens is None else data.val[: max(1, config.eval_tokens // config.seq_len)]
+
+    def measure(lm: PreTrainedModel) -> dict[str, float]:
+        loss = heldout_loss(lm, blocks, batch_size=config.batch_size, precision=config.precision)
+        return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+    results: dict[str, Any] = {"model": {"path": config.model, **measure(model)}}
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher)
+        check_same_vocabulary(model, tokenizer, teacher.model, teacher.tokenizer)
+        results["teacher"] = {"name": teacher.name, **measure(teacher.model)}
+    if config.baseline is not None:
+        baseline, baseline_tokenizer, _ = load_hf_directory(Path(config.baseline), torch.float32)
+        check_same_vocabulary(model, tokenizer, baseline, baseline_tokenizer)
+        results["baseline"] = {"path": config.baseline, **measure(baseline)}
+    if "teacher" in results and "baseline" in results:
+        results["gap_closed_loss"] = gap_closed(*(results[k]["val_loss"] for k in ("baseline", "model", "teacher")))
+        results["gap_closed_ppl"] = gap_closed(*(results[k]["val_ppl"] for k in ("baseline", "model", "teacher")))
+    results["data"] = {"fingerprint": data.fingerprint, "tokens": int(blocks.size), "seq_len": config.seq_len}
+    results["config"] = vars(config)
+    results["environment"] = environment()
+    out = Path(config.out) if config.out else Path(config.model) / "eval.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    results["written_to"] = str(out)
+    return results

@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lmdistill.models.adapters import BlockWeights, ModelWeights, Norm
 from lmdistill.init.select import map_width
+from lmdistill.models.adapters import BlockWeights, ModelWeights, Norm
 
 PCAMode = Literal["uncentered", "centered"]
 

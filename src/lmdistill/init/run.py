@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,17 +15,19 @@ from typing import Any
 from lmdistill.config import InitConfig, to_yaml
 from lmdistill.data import builtin_sample_text
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import heldout_loss, perplexity
+from lmdistill.evaluate import heldout_loss, perplexity, token_blocks
 from lmdistill.init.build import build_student
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher
 from lmdistill.models.shape import derive_student_shape
 from lmdistill.provenance import environment
+from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
 
 REPORT = "init_report.json"
 CONFIG = "init_config.yaml"
+SAMPLE_SEQ_LEN = 128
 
 
 def run_init(config: InitConfig) -> dict[str, Any]:
@@ -41,7 +41,9 @@ def run_init(config: InitConfig) -> dict[str, Any]:
     """
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise LmdistillError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+        raise LmdistillError(
+            f"output directory {out} exists and is not empty; choose another --out or pass --overwrite"
+        )
 
     log.info("loading teacher %s", config.teacher)
     teacher = load_teacher(config.teacher)
@@ -55,7 +57,7 @@ def run_init(config: InitConfig) -> dict[str, Any]:
     init_seconds = time.perf_counter() - start
 
     log.info("measuring step-0 held-out loss on the built-in sample")
-    sample = teacher.tokenizer(builtin_sample_text())["input_ids"]
+    sample = token_blocks(teacher.tokenizer(builtin_sample_text())["input_ids"], SAMPLE_SEQ_LEN)
     step0 = {"student": heldout_loss(result.student, sample), "teacher": heldout_loss(teacher.model, sample)}
     if config.method == "random":
         step0["random"] = step0["student"]
@@ -77,7 +79,7 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         "explained_variance": result.explained_variance,
         "init_seconds": init_seconds,
         "step0": {
-            "text": f"built-in sample, {len(sample)} tokens",
+            "text": f"built-in sample, {sample.numel()} tokens in blocks of {SAMPLE_SEQ_LEN}",
             "loss": step0,
             "perplexity": {name: perplexity(loss) for name, loss in step0.items()},
         },
@@ -86,16 +88,11 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         "environment": environment(),
     }
 
-    # Write next to the target and rename, so an interrupted init never leaves a half-written student behind.
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    result.student.save_pretrained(staging)
-    teacher.tokenizer.save_pretrained(staging)
-    (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    (staging / CONFIG).write_text(to_yaml(config))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with staged(out) as staging:  # an interrupted init never leaves a half-written student behind
+        result.student.save_pretrained(staging)
+        teacher.tokenizer.save_pretrained(staging)
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / CONFIG).write_text(to_yaml(config))
     return report
 
 

