@@ -135,6 +135,8 @@ class InitConfig:
 
 
 LossMix = Literal["ce", "kd", "ce+kd"]
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISION_HELP = "forward passes in bf16 autocast or fp32; auto: bf16 where it is fast (GPU, AVX512-BF16/AMX CPU)"
 KDLoss = Literal["forward-kl", "reverse-kl", "jsd", "skew-forward-kl", "skew-reverse-kl", "tvd"]
 
 
@@ -168,7 +170,7 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast dtype of forward passes"})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of the loss (memory bound)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate on held-out data every N steps (0: at the end)"})
@@ -224,7 +226,7 @@ class CacheTeacherConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     top_k: int = field(default=64, metadata={"help": "token ids kept per position"})
     batch_size: int = field(default=8, metadata={"help": "blocks per teacher forward pass"})
-    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast of the teacher"})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -251,7 +253,7 @@ class EvalConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     eval_tokens: int | None = field(default=None, metadata={"help": "evaluate at most this many tokens (default: all)"})
     batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
-    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={"help": "autocast of the forward passes"})
+    precision: Precision = field(default="fp32", metadata={"help": PRECISION_HELP})
     out: str | None = field(default=None, metadata={"help": "where to write the results (default: MODEL/eval.json)"})
 
     def __post_init__(self) -> None:

@@ -35,9 +35,23 @@ def token_blocks(token_ids: list[int] | torch.Tensor, seq_len: int) -> torch.Ten
     return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are fast here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX.
+
+    Without those instructions (AVX2-only CPUs) PyTorch emulates bf16 products, measured 10-100x slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device for precision "bf16", else nothing."""
-    if precision == "bf16":
+    """bf16 autocast for precision "bf16" (and for "auto" where bf16 is fast, see `fast_bf16`), else nothing."""
+    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -74,7 +88,7 @@ def heldout_loss(
         model: a causal LM (a Hugging Face `PreTrainedModel`).
         blocks: token ids [N, L].
         batch_size: blocks per forward pass.
-        precision: "fp32" or "bf16" (autocast of the forward pass).
+        precision: "fp32", "bf16" or "auto" (autocast of the forward pass, see `autocast`).
         chunk_size: positions per chunk of the loss.
         processes: the process group (None: alone, on the model's device).
 

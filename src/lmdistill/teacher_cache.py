@@ -62,7 +62,7 @@ def write_cache(
     top_k: int,
     batch_size: int = 8,
     shard_blocks: int = 256,
-    precision: str = "bf16",
+    precision: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compute and store the teacher's top-k next-token distribution on every training block.
@@ -76,7 +76,7 @@ def write_cache(
         top_k: K, number of token ids kept per position (1 <= K <= V).
         batch_size: blocks per teacher forward pass.
         shard_blocks: blocks per shard file.
-        precision: "bf16" or "fp32" autocast of the teacher's forward pass.
+        precision: "auto", "bf16" or "fp32" autocast of the teacher's forward pass.
         progress: show a progress bar.
 
     Returns:
