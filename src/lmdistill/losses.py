@@ -21,7 +21,6 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from lmdistill.errors import LmdistillError
 
@@ -425,9 +424,11 @@ def _chunk_losses(
     temperature: float,
     beta: float,
     alpha: float,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of n valid positions -> (CE sum, KD sum); the [n, V] logits live only inside this call."""
-    logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
+    if logits is None:
+        logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
     ce = _ce_sum(logits, targets)
     if teacher_hidden is not None and teacher_head is not None:
         teacher_logits = F.linear(teacher_hidden, teacher_head.to(teacher_hidden.dtype))  # [n, V]
@@ -437,6 +438,85 @@ def _chunk_losses(
     else:
         kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
     return ce, kd
+
+
+def _mix(ce: Tensor, kd: Tensor, kd_weight: float) -> Tensor:
+    """(1 - w)·ce + w·kd, taking a zero-weighted term out rather than multiplying it by 0 (no 0·inf)."""
+    if kd_weight == 0.0:
+        return ce
+    if kd_weight == 1.0:
+        return kd
+    return (1.0 - kd_weight) * ce + kd_weight * kd
+
+
+def _chunk_rows(n: int, chunk_size: int) -> list[slice]:
+    # One empty chunk when nothing is valid, so the zero loss still has a graph.
+    return [slice(start, start + chunk_size) for start in range(0, max(n, 1), chunk_size)]
+
+
+def _teacher_rows(teacher: tuple, rows: slice) -> tuple:
+    t_hidden, t_head, t_ids, t_logprobs = teacher
+    return (
+        None if t_hidden is None else t_hidden[rows],
+        t_head,
+        None if t_ids is None else t_ids[rows],
+        None if t_logprobs is None else t_logprobs[rows],
+    )
+
+
+def _chunk_sums(hidden: Tensor, head: Tensor, targets: Tensor, teacher: tuple, options: tuple) -> tuple[Tensor, Tensor]:
+    """CE and KD sums over [N, d] valid positions, chunk by chunk, without gradients."""
+    kind, temperature, beta, alpha, _, chunk_size = options
+    sums = [
+        _chunk_losses(hidden[rows], head, targets[rows], *_teacher_rows(teacher, rows), kind, temperature, beta, alpha)
+        for rows in _chunk_rows(hidden.shape[0], chunk_size)
+    ]
+    return torch.stack([c for c, _ in sums]).sum(), torch.stack([k for _, k in sums]).sum()
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+class _FusedChunks(torch.autograd.Function):
+    """Loss sums and their gradients in one pass over the chunks.
+
+    Each chunk's [n, V] logits are computed once, differentiated on the spot, and dropped: the forward keeps only
+    dL/dhidden [N, d] and dL/dhead [V, d], and the backward scales them. That is three matrix products per chunk,
+    the minimum (checkpointing would recompute the logits, a fourth), and the teacher's logits are computed once.
+    Only the weighted sum is differentiable; the CE and KD sums are returned for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head, targets, t_hidden, t_head, t_ids, t_logprobs, kind, temperature, beta, alpha,
+                kd_weight, chunk_size):  # fmt: skip
+        teacher = (t_hidden, t_head, t_ids, t_logprobs)
+        grad_hidden = torch.zeros_like(hidden)  # [N, d_S]
+        accumulate = torch.promote_types(head.dtype, torch.float32)  # bf16 heads accumulate in float32
+        grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device)  # [V, d_S]
+        ce_parts, kd_parts = [], []
+        for rows in _chunk_rows(hidden.shape[0], chunk_size):
+            h = hidden[rows].detach()  # [n, d_S]
+            # The chunk's graph is local and consumed right here; identity hooks keep any saved-tensor hooks of the
+            # caller (offloading, memory accounting) to the tensors that really outlive the forward.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                logits = F.linear(h, head.detach().to(h.dtype)).detach().requires_grad_()  # [n, V]
+                ce, kd = _chunk_losses(h, None, targets[rows], *_teacher_rows(teacher, rows), kind, temperature,
+                                       beta, alpha, logits=logits)  # fmt: skip
+                (d_logits,) = torch.autograd.grad(_mix(ce, kd, kd_weight), logits)  # [n, V]
+            grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
+            grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(accumulate)
+            ce_parts.append(ce.detach())
+            kd_parts.append(kd.detach())
+        ce_sum, kd_sum = torch.stack(ce_parts).sum(), torch.stack(kd_parts).sum()
+        ctx.save_for_backward(grad_hidden, grad_head.to(head.dtype))
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return _mix(ce_sum, kd_sum, kd_weight).clone(), ce_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, grad_weighted, _grad_ce, _grad_kd):
+        grad_hidden, grad_head = ctx.saved_tensors
+        return (grad_weighted * grad_hidden, grad_weighted * grad_head) + (None,) * 11
 
 
 def chunked_distill_loss(
@@ -460,9 +540,10 @@ def chunked_distill_loss(
     """CE and KD from hidden states and LM-head weights, without ever materializing full-batch logits.
 
     The valid positions are gathered first (masked positions need no logits), then processed ``chunk_size`` at a
-    time; each chunk's logits and losses are computed under ``torch.utils.checkpoint`` (non-reentrant), so the
-    ``[n, V]`` float32 logits of a chunk exist only transiently, in the forward and again in the backward, and the
-    full ``[B, T, V]`` student or teacher logits never do. Teacher tensors are detached (constants). The logit
+    time. When gradients are needed, each chunk's logits are differentiated as soon as they are computed and
+    dropped (see ``_FusedChunks``): the ``[n, V]`` float32 logits of a chunk exist only transiently, the full
+    ``[B, T, V]`` student or teacher logits never do, and nothing is recomputed in the backward. Only ``total`` is
+    differentiable; ``ce`` and ``kd`` are for logging. Teacher tensors are detached (constants). The logit
     matmul runs in the hidden states' dtype (the head is cast to it), the softmax in float32. Values equal
     :func:`cross_entropy` plus :func:`kd_loss` / :func:`sparse_kd_loss` on the full logits, up to summation order.
 
@@ -543,40 +624,14 @@ def chunked_distill_loss(
         t_ids = teacher_ids.reshape(-1, k)[flat]  # [N, K]
         t_logprobs = teacher_logprobs.detach().reshape(-1, k)[flat]  # [N, K]
 
-    use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad)
-    n = hidden.shape[0]
-    ce_parts: list[Tensor] = []
-    kd_parts: list[Tensor] = []
-    # range(0, max(n, 1)) runs one empty chunk when nothing is valid, so the zero loss keeps its graph.
-    for start in range(0, max(n, 1), chunk_size):
-        rows = slice(start, start + chunk_size)
-        args = (
-            hidden[rows],
-            student_head,
-            targets[rows],
-            None if t_hidden is None else t_hidden[rows],
-            t_head,
-            None if t_ids is None else t_ids[rows],
-            None if t_logprobs is None else t_logprobs[rows],
-            kind,
-            temperature,
-            beta,
-            alpha,
-        )
-        if use_checkpoint:
-            ce_c, kd_c = checkpoint(_chunk_losses, *args, use_reentrant=False)
-        else:
-            ce_c, kd_c = _chunk_losses(*args)
-        ce_parts.append(ce_c)
-        kd_parts.append(kd_c)
-
-    ce = _normalize(torch.stack(ce_parts).sum(), valid, num_items)
-    kd = _normalize(torch.stack(kd_parts).sum(), valid, num_items)
-    # Skip the zero-weighted term rather than multiply it by 0 (no wasted backward, no 0·inf).
-    if kd_weight == 0.0:
-        total = ce
-    elif kd_weight == 1.0:
-        total = kd
+    teacher = (t_hidden, t_head, t_ids, t_logprobs)
+    options = (kind, temperature, beta, alpha, kd_weight, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
+        weighted, ce_sum, kd_sum = _FusedChunks.apply(hidden, student_head, targets, *teacher, *options)
     else:
-        total = (1.0 - kd_weight) * ce + kd_weight * kd
+        ce_sum, kd_sum = _chunk_sums(hidden, student_head, targets, teacher, options)
+        weighted = _mix(ce_sum, kd_sum, kd_weight)
+    total = _normalize(weighted, valid, num_items)
+    ce = _normalize(ce_sum, valid, num_items)
+    kd = _normalize(kd_sum, valid, num_items)
     return total, ce, kd
