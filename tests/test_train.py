@@ -83,6 +83,13 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def build_cache(ws: Path, out: str, top_k: int) -> None:
+    """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`."""
+    args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
+            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out]  # fmt: skip
+    assert main(["cache-teacher", *map(str, args)]) == 0
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
 
@@ -155,29 +162,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
 
 
 def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspace):
-    assert (
-        main(
-            [
-                "cache-teacher",
-                "--teacher",
-                str(workspace / "teacher"),
-                "--data",
-                str(workspace / "corpus"),
-                "--seq-len",
-                "16",
-                "--val-fraction",
-                "0.2",
-                "--top-k",
-                "96",
-                "--precision",
-                "fp32",
-                "--no-progress",
-                "--out",
-                str(workspace / "cache-full"),
-            ]
-        )
-        == 0
-    )
+    build_cache(workspace, "cache-full", top_k=96)
     online = run_train(config(workspace, "kd-online", loss="kd", teacher=str(workspace / "teacher")))
     cached = run_train(config(workspace, "kd-cached", loss="kd", teacher_cache=str(workspace / "cache-full")))
     assert cached["val_loss"] == pytest.approx(online["val_loss"], rel=1e-5)
@@ -188,27 +173,7 @@ def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspac
 
 def test_a_mismatched_or_corrupt_cache_is_refused(workspace):
     cache = workspace / "cache-small"
-    assert (
-        main(
-            [
-                "cache-teacher",
-                "--teacher",
-                str(workspace / "teacher"),
-                "--data",
-                str(workspace / "corpus"),
-                "--seq-len",
-                "16",
-                "--val-fraction",
-                "0.2",
-                "--top-k",
-                "4",
-                "--no-progress",
-                "--out",
-                str(cache),
-            ]
-        )
-        == 0
-    )
+    build_cache(workspace, "cache-small", top_k=4)
     with pytest.raises(LmdistillError, match="does not match the training data: its seq_len is 16"):
         run_train(config(workspace, "mismatch", loss="kd", teacher_cache=str(cache), seq_len=32))
     shard = next(cache.glob("shard-*.safetensors"))
