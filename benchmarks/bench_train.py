@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict:
             hidden = student.base_model(input_ids=ids).last_hidden_state
             total, _, _ = chunked_distill_loss(
                 hidden, head, shifted_labels(ids), kd_weight=0.0 if args.mode == "ce" else 1.0,
-                num_items=num_items, **extra,
+                num_items=num_items, chunk_size=args.chunk_size, **extra,
             )  # fmt: skip
         total.backward()
         optimizer.step()
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk of the loss")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,7 +116,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--mode", mode, "--cache", scratch, "--student", args.student,
                        "--teacher", args.teacher, "--batch-size", str(args.batch_size), "--seq-len",
                        str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--precision", args.precision]  # fmt: skip
+                       "--precision", args.precision, "--chunk-size", str(args.chunk_size)]  # fmt: skip
             if args.data:
                 command += ["--data", *args.data]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -143,6 +144,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "steps": args.steps,
         "precision": args.precision,
+        "chunk_size": args.chunk_size,
         "threads": torch.get_num_threads(),
         "trl_kd_tokens_per_s": None,
     }))  # fmt: skip
