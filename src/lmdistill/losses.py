@@ -241,7 +241,7 @@ def _sparse_buckets(
     Returns:
         ``([N, K+1], [N, K+1])`` student and teacher log-probabilities over the buckets, tail bucket last.
     """
-    vocab, k = student_logits.shape[-1], teacher_ids.shape[-1]
+    vocab = student_logits.shape[-1]
     ids = teacher_ids.long()
 
     s = _upcast(student_logits) / temperature  # [N, V]
@@ -252,6 +252,12 @@ def _sparse_buckets(
     s_tail = torch.logsumexp(s.scatter(-1, ids, _LOG_FLOOR), dim=-1, keepdim=True) - log_z  # [N, 1]
     student = torch.cat([s_top, s_tail], dim=-1)
 
+    return student, _teacher_buckets(teacher_logprobs, vocab, temperature)
+
+
+def _teacher_buckets(teacher_logprobs: Tensor, vocab: int, temperature: float) -> Tensor:
+    """[N, K] teacher top-k log-probs at τ = 1 -> [N, K+1] tempered log-probs over the K ids and the tail bucket."""
+    k = teacher_logprobs.shape[-1]
     t_top = _upcast(teacher_logprobs)  # [N, K]
     if k == vocab:
         t_tail = torch.full_like(t_top[..., :1], -math.inf)
@@ -262,8 +268,74 @@ def _sparse_buckets(
         # Tail spread uniformly over the V-K unseen ids, each tempered: (V-K) · (r / (V-K))^(1/τ).
         log_unseen = math.log(vocab - k)
         t_tail = log_r / temperature + (1.0 - 1.0 / temperature) * log_unseen
-    teacher = F.log_softmax(torch.cat([t_top / temperature, t_tail], dim=-1), dim=-1)
-    return student, teacher
+    return F.log_softmax(torch.cat([t_top / temperature, t_tail], dim=-1), dim=-1)
+
+
+def _sparse_chunk_with_grad(
+    logits: Tensor,
+    targets: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    kind: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE and bucketed KD sums of one chunk with d(mix)/d(logits), by hand over the vocabulary axis.
+
+    Autograd through the bucketing keeps a dozen [n, V] intermediates; the gradient has a closed form instead. With
+    p = softmax(s), s = logits / τ, and g = dL/d(log q) over the K + 1 buckets (autograd on [n, K+1] only),
+    dL/ds_j = -p_j·Σ_b g_b + g_k (j the k-th top id) or + g_tail·p_j / p_tail (j in the tail).
+
+    Args:
+        logits: [n, V] student logits (no grad).
+        targets: [n] next-token ids.
+        teacher_ids: [n, K] teacher top-k ids.
+        teacher_logprobs: [n, K] their teacher log-probs at τ = 1.
+        kind: divergence kind.
+        temperature: τ.
+        beta: JSD coefficient.
+        alpha: skew coefficient.
+        kd_weight: w in (1 - w)·CE + w·KD.
+
+    Returns:
+        (CE sum, KD sum, [n, V] gradient of the weighted sum with respect to the logits, in float32).
+    """
+    ids = teacher_ids.long()
+    vocab = logits.shape[-1]
+    s = _upcast(logits) / temperature  # [n, V]
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # [n, 1]
+    log_q_top = s.gather(-1, ids) - log_z  # [n, K], in log space: no underflow for unlikely top ids
+    p = s.sub_(log_z).exp_()  # [n, V] softmax, in place: s is not needed again
+    p_top = log_q_top.exp()
+    p_tail = p.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)  # [n, 1]; p now holds the tail entries only
+    if ids.shape[-1] == vocab:
+        log_q_tail = torch.full_like(p_tail, -math.inf)
+    else:  # a tail that underflows to 0 counts as the smallest normal float, not as log 0
+        log_q_tail = p_tail.clamp(min=torch.finfo(p_tail.dtype).tiny).log()
+    student = torch.cat([log_q_top, log_q_tail], dim=-1).requires_grad_()  # [n, K+1]
+    with torch.enable_grad():
+        teacher = _teacher_buckets(teacher_logprobs, vocab, temperature)
+        kd = divergence(student, teacher, kind, beta=beta, alpha=alpha).sum() * temperature**2
+        (g,) = torch.autograd.grad(kd, student)  # [n, K+1]
+    g_total = g.sum(-1, keepdim=True)  # [n, 1]
+    tail_scale = torch.where(p_tail > 0, g[:, -1:] / p_tail, torch.zeros_like(p_tail))
+    grad_kd = p.mul_(tail_scale - g_total)  # tail entries; the top entries are 0 here
+    grad_kd.scatter_(-1, ids, g[:, :-1] - p_top * g_total).div_(temperature)  # [n, V]
+
+    if temperature == 1.0:
+        log_z1 = log_z  # the same softmax
+    else:
+        log_z1 = torch.logsumexp(_upcast(logits), dim=-1, keepdim=True)
+    ce = (log_z1.squeeze(-1) - _upcast(logits).gather(-1, targets[:, None]).squeeze(-1)).sum()
+    if kd_weight == 1.0:
+        return ce, kd.detach(), grad_kd
+    grad = (_upcast(logits) - log_z1).exp_()  # softmax(logits) [n, V]
+    grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
+    if kd_weight == 0.0:
+        return ce, kd.detach(), grad
+    return ce, kd.detach(), grad.mul_(1.0 - kd_weight).add_(grad_kd, alpha=kd_weight)
 
 
 def _sparse_kd_sum(
@@ -497,13 +569,19 @@ class _FusedChunks(torch.autograd.Function):
         ce_parts, kd_parts = [], []
         for rows in _chunk_rows(hidden.shape[0], chunk_size):
             h = hidden[rows].detach()  # [n, d_S]
-            # The chunk's graph is local and consumed right here; identity hooks keep any saved-tensor hooks of the
-            # caller (offloading, memory accounting) to the tensors that really outlive the forward.
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-                logits = F.linear(h, head.detach().to(h.dtype)).detach().requires_grad_()  # [n, V]
-                ce, kd = _chunk_losses(h, None, targets[rows], *_teacher_rows(teacher, rows), kind, temperature,
-                                       beta, alpha, logits=logits)  # fmt: skip
-                (d_logits,) = torch.autograd.grad(_mix(ce, kd, kd_weight), logits)  # [n, V]
+            logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
+            if t_ids is not None:  # closed-form gradient: no [n, V] autograd graph
+                ce, kd, d_logits = _sparse_chunk_with_grad(logits, targets[rows], t_ids[rows], t_logprobs[rows],
+                                                           kind, temperature, beta, alpha, kd_weight)  # fmt: skip
+                d_logits = d_logits.to(logits.dtype)
+            else:
+                # The chunk's graph is local and consumed right here; identity hooks keep any saved-tensor hooks of
+                # the caller (offloading, memory accounting) to the tensors that really outlive the forward.
+                logits.requires_grad_()
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                    ce, kd = _chunk_losses(h, None, targets[rows], *_teacher_rows(teacher, rows), kind, temperature,
+                                           beta, alpha, logits=logits)  # fmt: skip
+                    (d_logits,) = torch.autograd.grad(_mix(ce, kd, kd_weight), logits)  # [n, V]
             grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
             grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(accumulate)
             ce_parts.append(ce.detach())
