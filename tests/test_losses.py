@@ -689,3 +689,42 @@ def test_closed_form_sparse_gradient_equals_autograd(kind, temperature, k, kd_we
     torch.testing.assert_close(kd_c, kd.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(hc.grad, h.grad, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(headc.grad, head.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+@pytest.mark.parametrize("kd_weight", [0.0, 0.4, 1.0])
+def test_closed_form_dense_gradient_equals_autograd(kind, temperature, kd_weight):
+    g = torch.Generator().manual_seed(11)
+    b, t, d, d_t, v = 2, 5, 6, 7, 13
+    h0 = torch.randn(b, t, d, dtype=torch.float64, generator=g)
+    head0 = torch.randn(v, d, dtype=torch.float64, generator=g)
+    th = torch.randn(b, t, d_t, dtype=torch.float64, generator=g)
+    t_head = torch.randn(v, d_t, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[1, 3] = -100
+
+    h, head = h0.clone().requires_grad_(), head0.clone().requires_grad_()
+    logits = h @ head.T
+    ce = cross_entropy(logits, labels)
+    kd = kd_loss(logits, th @ t_head.T, labels, kind=kind, temperature=temperature)
+    ((1 - kd_weight) * ce + kd_weight * kd).backward()
+
+    hc, headc = h0.clone().requires_grad_(), head0.clone().requires_grad_()
+    total, ce_c, kd_c = chunked_distill_loss(
+        hc,
+        headc,
+        labels,
+        teacher_hidden=th,
+        teacher_head=t_head,
+        kd_weight=kd_weight,
+        kind=kind,
+        temperature=temperature,
+        chunk_size=3,
+    )
+    total.backward()
+    torch.testing.assert_close(ce_c, ce.detach(), rtol=1e-10, atol=1e-12)
+    if kd_weight > 0:  # at weight 0 the KD term is not computed
+        torch.testing.assert_close(kd_c, kd.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hc.grad, h.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(headc.grad, head.grad, rtol=1e-8, atol=1e-10)

@@ -271,36 +271,69 @@ def _teacher_buckets(teacher_logprobs: Tensor, vocab: int, temperature: float) -
     return F.log_softmax(torch.cat([t_top / temperature, t_tail], dim=-1), dim=-1)
 
 
-def _sparse_chunk_with_grad(
+def _ce_with_grad(logits: Tensor, targets: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """[n, V] logits, [n] targets -> (CE sum, its gradient softmax - onehot [n, V] float32, or None)."""
+    x = _upcast(logits)
+    log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1]
+    ce = (log_z - x.gather(-1, targets[:, None])).sum()
+    if not need_grad:
+        return ce, None
+    grad = (x - log_z).exp_()  # [n, V]
+    return ce, grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
+
+
+def _divergence_grad(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """Σ divergence over [n, C] log-probabilities and its gradient with respect to the student's log-probabilities."""
+    log_s = log_s.detach().requires_grad_()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        # A local graph, consumed here: identity hooks keep the caller's saved-tensor hooks (offloading, memory
+        # accounting) to the tensors that really outlive the forward.
+        total = divergence(log_s, log_t, kind, beta=beta, alpha=alpha).sum()
+        (g,) = torch.autograd.grad(total, log_s)
+    return total.detach(), g
+
+
+def _dense_kd_with_grad(
+    logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float, beta: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """[n, V] student and teacher logits -> (τ²·Σ divergence, its gradient with respect to the student logits).
+
+    Autograd runs on the divergence of the two [n, V] log-probability tensors only; the softmax's Jacobian is applied
+    in closed form, d/ds = (g - p·Σg) / τ with g = d/d(log p), p = softmax(s / τ).
+    """
+    log_s = F.log_softmax(_upcast(logits) / temperature, dim=-1)  # [n, V]
+    log_t = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    total, g = _divergence_grad(log_s, log_t, kind, beta, alpha)
+    g_total = g.sum(-1, keepdim=True)
+    grad = g.sub_(log_s.exp_().mul_(g_total)).mul_(temperature)  # τ² / τ
+    return total * temperature**2, grad
+
+
+def _sparse_kd_with_grad(
     logits: Tensor,
-    targets: Tensor,
     teacher_ids: Tensor,
     teacher_logprobs: Tensor,
     kind: str,
     temperature: float,
     beta: float,
     alpha: float,
-    kd_weight: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CE and bucketed KD sums of one chunk with d(mix)/d(logits), by hand over the vocabulary axis.
+) -> tuple[Tensor, Tensor]:
+    """Bucketed KD sum of one chunk and its gradient with respect to the student logits, by hand over V.
 
-    Autograd through the bucketing keeps a dozen [n, V] intermediates; the gradient has a closed form instead. With
-    p = softmax(s), s = logits / τ, and g = dL/d(log q) over the K + 1 buckets (autograd on [n, K+1] only),
+    With p = softmax(s), s = logits / τ, and g = dL/d(log q) over the K + 1 buckets (autograd on [n, K+1] only),
     dL/ds_j = -p_j·Σ_b g_b + g_k (j the k-th top id) or + g_tail·p_j / p_tail (j in the tail).
 
     Args:
-        logits: [n, V] student logits (no grad).
-        targets: [n] next-token ids.
+        logits: [n, V] student logits.
         teacher_ids: [n, K] teacher top-k ids.
         teacher_logprobs: [n, K] their teacher log-probs at τ = 1.
         kind: divergence kind.
         temperature: τ.
         beta: JSD coefficient.
         alpha: skew coefficient.
-        kd_weight: w in (1 - w)·CE + w·KD.
 
     Returns:
-        (CE sum, KD sum, [n, V] gradient of the weighted sum with respect to the logits, in float32).
+        (τ²·Σ divergence, [n, V] float32 gradient with respect to the logits).
     """
     ids = teacher_ids.long()
     vocab = logits.shape[-1]
@@ -314,28 +347,14 @@ def _sparse_chunk_with_grad(
         log_q_tail = torch.full_like(p_tail, -math.inf)
     else:  # a tail that underflows to 0 counts as the smallest normal float, not as log 0
         log_q_tail = p_tail.clamp(min=torch.finfo(p_tail.dtype).tiny).log()
-    student = torch.cat([log_q_top, log_q_tail], dim=-1).requires_grad_()  # [n, K+1]
-    with torch.enable_grad():
-        teacher = _teacher_buckets(teacher_logprobs, vocab, temperature)
-        kd = divergence(student, teacher, kind, beta=beta, alpha=alpha).sum() * temperature**2
-        (g,) = torch.autograd.grad(kd, student)  # [n, K+1]
+    student = torch.cat([log_q_top, log_q_tail], dim=-1)  # [n, K+1]
+    teacher = _teacher_buckets(teacher_logprobs, vocab, temperature)
+    total, g = _divergence_grad(student, teacher, kind, beta, alpha)  # g: [n, K+1]
     g_total = g.sum(-1, keepdim=True)  # [n, 1]
     tail_scale = torch.where(p_tail > 0, g[:, -1:] / p_tail, torch.zeros_like(p_tail))
-    grad_kd = p.mul_(tail_scale - g_total)  # tail entries; the top entries are 0 here
-    grad_kd.scatter_(-1, ids, g[:, :-1] - p_top * g_total).div_(temperature)  # [n, V]
-
-    if temperature == 1.0:
-        log_z1 = log_z  # the same softmax
-    else:
-        log_z1 = torch.logsumexp(_upcast(logits), dim=-1, keepdim=True)
-    ce = (log_z1.squeeze(-1) - _upcast(logits).gather(-1, targets[:, None]).squeeze(-1)).sum()
-    if kd_weight == 1.0:
-        return ce, kd.detach(), grad_kd
-    grad = (_upcast(logits) - log_z1).exp_()  # softmax(logits) [n, V]
-    grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
-    if kd_weight == 0.0:
-        return ce, kd.detach(), grad
-    return ce, kd.detach(), grad.mul_(1.0 - kd_weight).add_(grad_kd, alpha=kd_weight)
+    grad = p.mul_(tail_scale - g_total)  # tail entries; the top entries are 0 here
+    grad.scatter_(-1, ids, g[:, :-1] - p_top * g_total).mul_(temperature)  # τ² / τ
+    return total * temperature**2, grad
 
 
 def _sparse_kd_sum(
@@ -496,11 +515,9 @@ def _chunk_losses(
     temperature: float,
     beta: float,
     alpha: float,
-    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of n valid positions -> (CE sum, KD sum); the [n, V] logits live only inside this call."""
-    if logits is None:
-        logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
+    logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
     ce = _ce_sum(logits, targets)
     if teacher_hidden is not None and teacher_head is not None:
         teacher_logits = F.linear(teacher_hidden, teacher_head.to(teacher_hidden.dtype))  # [n, V]
@@ -553,16 +570,17 @@ def _identity(tensor: Tensor) -> Tensor:
 class _FusedChunks(torch.autograd.Function):
     """Loss sums and their gradients in one pass over the chunks.
 
-    Each chunk's [n, V] logits are computed once, differentiated on the spot, and dropped: the forward keeps only
-    dL/dhidden [N, d] and dL/dhead [V, d], and the backward scales them. That is three matrix products per chunk,
-    the minimum (checkpointing would recompute the logits, a fourth), and the teacher's logits are computed once.
-    Only the weighted sum is differentiable; the CE and KD sums are returned for logging.
+    Each chunk's [n, V] logits are computed once, differentiated on the spot in closed form (softmax Jacobians by
+    hand; autograd only on the divergence of log-probabilities), and dropped: the forward keeps only dL/dhidden
+    [N, d] and dL/dhead [V, d], and the backward scales them. That is three matrix products per chunk, the minimum
+    (checkpointing would recompute the logits, a fourth), and the teacher's logits are computed once. Only the
+    weighted sum is differentiable; the CE and KD sums are returned for logging (a zero-weighted term is not
+    differentiated, and KD is not computed at all at weight 0).
     """
 
     @staticmethod
     def forward(ctx, hidden, head, targets, t_hidden, t_head, t_ids, t_logprobs, kind, temperature, beta, alpha,
                 kd_weight, chunk_size):  # fmt: skip
-        teacher = (t_hidden, t_head, t_ids, t_logprobs)
         grad_hidden = torch.zeros_like(hidden)  # [N, d_S]
         accumulate = torch.promote_types(head.dtype, torch.float32)  # bf16 heads accumulate in float32
         grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device)  # [V, d_S]
@@ -570,18 +588,17 @@ class _FusedChunks(torch.autograd.Function):
         for rows in _chunk_rows(hidden.shape[0], chunk_size):
             h = hidden[rows].detach()  # [n, d_S]
             logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
-            if t_ids is not None:  # closed-form gradient: no [n, V] autograd graph
-                ce, kd, d_logits = _sparse_chunk_with_grad(logits, targets[rows], t_ids[rows], t_logprobs[rows],
-                                                           kind, temperature, beta, alpha, kd_weight)  # fmt: skip
-                d_logits = d_logits.to(logits.dtype)
-            else:
-                # The chunk's graph is local and consumed right here; identity hooks keep any saved-tensor hooks of
-                # the caller (offloading, memory accounting) to the tensors that really outlive the forward.
-                logits.requires_grad_()
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-                    ce, kd = _chunk_losses(h, None, targets[rows], *_teacher_rows(teacher, rows), kind, temperature,
-                                           beta, alpha, logits=logits)  # fmt: skip
-                    (d_logits,) = torch.autograd.grad(_mix(ce, kd, kd_weight), logits)  # [n, V]
+            ce, d_logits = _ce_with_grad(logits, targets[rows], need_grad=kd_weight < 1.0)
+            kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
+            if kd_weight > 0.0:
+                if t_ids is not None:
+                    kd, d_kd = _sparse_kd_with_grad(logits, t_ids[rows], t_logprobs[rows], kind, temperature, beta,
+                                                    alpha)  # fmt: skip
+                else:
+                    teacher_logits = F.linear(t_hidden[rows], t_head.to(t_hidden.dtype))  # [n, V]
+                    kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
+                d_logits = d_kd if d_logits is None else d_logits.mul_(1.0 - kd_weight).add_(d_kd, alpha=kd_weight)
+            d_logits = d_logits.to(logits.dtype)
             grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
             grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(accumulate)
             ce_parts.append(ce.detach())
