@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -291,3 +292,47 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace):
     a, b = weights(workspace / "ddp-1" / "final"), weights(workspace / "ddp-2" / "final")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_gap_closed_matches_hand_computed_values():
+    from lmdistill.evaluate import gap_closed
+
+    assert gap_closed(base=5.0, method=4.0, teacher=3.0) == pytest.approx(0.5)
+    assert gap_closed(base=5.0, method=3.0, teacher=3.0) == pytest.approx(1.0)
+    assert gap_closed(base=5.0, method=5.5, teacher=3.0) == pytest.approx(-0.25)
+    assert gap_closed(base=148.4, method=90.0, teacher=20.1) == pytest.approx((148.4 - 90.0) / (148.4 - 20.1))
+    assert math.isnan(gap_closed(base=3.0, method=3.0, teacher=3.0))
+
+
+def test_eval_cli_reports_losses_and_the_gap_closed(workspace, capsys):
+    trained = workspace / "kd-online" / "final"
+    if not trained.exists():
+        run_train(config(workspace, "kd-online", loss="kd", teacher=str(workspace / "teacher")))
+    out = workspace / "eval.json"
+    args = ["--model", trained, "--teacher", workspace / "teacher", "--baseline", workspace / "student", "--data",
+            workspace / "corpus", "--seq-len", 16, "--val-fraction", 0.2, "--out", out]  # fmt: skip
+    assert main(["eval", *map(str, args)]) == 0
+    results = json.loads(out.read_text())
+    losses = {name: results[name]["val_loss"] for name in ("model", "baseline", "teacher")}
+    for name, loss in losses.items():
+        assert results[name]["val_ppl"] == pytest.approx(math.exp(loss))
+    expected = (losses["baseline"] - losses["model"]) / (losses["baseline"] - losses["teacher"])
+    assert results["gap_closed_loss"] == pytest.approx(expected)
+    ppl = {name: results[name]["val_ppl"] for name in losses}
+    assert results["gap_closed_ppl"] == pytest.approx(
+        (ppl["baseline"] - ppl["model"]) / (ppl["baseline"] - ppl["teacher"])
+    )
+    assert results["data"]["tokens"] > 0 and "gap closed:" in capsys.readouterr().out
+    assert main(["eval", "--model", str(workspace / "missing")]) == 2
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path):
+    from lmdistill.evaluate import fast_bf16
+
+    cpu = torch.device("cpu")
+    (tmp_path / "avx2").write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    (tmp_path / "bf16").write_text("flags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n")
+    (tmp_path / "amx").write_text("flags\t\t: fpu avx512f amx_tile amx_bf16\n")
+    assert not fast_bf16(cpu, tmp_path / "avx2")
+    assert fast_bf16(cpu, tmp_path / "bf16") and fast_bf16(cpu, tmp_path / "amx")
+    assert not fast_bf16(cpu, tmp_path / "missing")

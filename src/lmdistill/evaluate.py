@@ -35,7 +35,7 @@ def token_blocks(token_ids: list[int] | torch.Tensor, seq_len: int) -> torch.Ten
     return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
 
 
-def fast_bf16(device: torch.device) -> bool:
+def fast_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether bf16 matrix products are fast here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX.
 
     Without those instructions (AVX2-only CPUs) PyTorch emulates bf16 products, measured 10-100x slower than fp32.
@@ -43,7 +43,7 @@ def fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
