@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk of the loss")
+    parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk of the loss")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -171,7 +171,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
-    chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of the loss (memory bound)"})
+    chunk_size: int = field(
+        default=256, metadata={"help": "positions per chunk of the loss: memory grows with chunk x vocabulary"}
+    )
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate on held-out data every N steps (0: at the end)"})
     eval_tokens: int = field(default=32768, metadata={"help": "held-out tokens per evaluation"})

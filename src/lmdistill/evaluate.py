@@ -75,7 +75,7 @@ def heldout_loss(
     *,
     batch_size: int = 8,
     precision: str = "fp32",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     processes: Processes | None = None,
 ) -> float:
     """Mean cross-entropy (nats per predicted token) of a causal LM on held-out blocks.

@@ -630,7 +630,7 @@ def chunked_distill_loss(
     alpha: float = 0.1,
     ignore_index: int = -100,
     num_items: int | Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CE and KD from hidden states and LM-head weights, without ever materializing full-batch logits.
 
