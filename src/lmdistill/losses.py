@@ -273,11 +273,11 @@ def _teacher_buckets(teacher_logprobs: Tensor, vocab: int, temperature: float) -
 
 def _ce_with_grad(logits: Tensor, targets: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """[n, V] logits, [n] targets -> (CE sum, its gradient softmax - onehot [n, V] float32, or None)."""
+    if not need_grad:
+        return _ce_sum(logits, targets), None
     x = _upcast(logits)
     log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1]
     ce = (log_z - x.gather(-1, targets[:, None])).sum()
-    if not need_grad:
-        return ce, None
     grad = (x - log_z).exp_()  # [n, V]
     return ce, grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
 
@@ -503,32 +503,6 @@ def sparse_kd_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_losses(
-    hidden: Tensor,
-    head: Tensor,
-    targets: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_head: Tensor | None,
-    teacher_ids: Tensor | None,
-    teacher_logprobs: Tensor | None,
-    kind: str,
-    temperature: float,
-    beta: float,
-    alpha: float,
-) -> tuple[Tensor, Tensor]:
-    """One chunk of n valid positions -> (CE sum, KD sum); the [n, V] logits live only inside this call."""
-    logits = F.linear(hidden, head.to(hidden.dtype))  # [n, V]
-    ce = _ce_sum(logits, targets)
-    if teacher_hidden is not None and teacher_head is not None:
-        teacher_logits = F.linear(teacher_hidden, teacher_head.to(teacher_hidden.dtype))  # [n, V]
-        kd = _dense_kd_sum(logits, teacher_logits, kind, temperature, beta, alpha)
-    elif teacher_ids is not None and teacher_logprobs is not None:
-        kd = _sparse_kd_sum(logits, teacher_ids, teacher_logprobs, kind, temperature, beta, alpha)
-    else:
-        kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    return ce, kd
-
-
 def _mix(ce: Tensor, kd: Tensor, kd_weight: float) -> Tensor:
     """(1 - w)·ce + w·kd, taking a zero-weighted term out rather than multiplying it by 0 (no 0·inf)."""
     if kd_weight == 0.0:
@@ -538,29 +512,70 @@ def _mix(ce: Tensor, kd: Tensor, kd_weight: float) -> Tensor:
     return (1.0 - kd_weight) * ce + kd_weight * kd
 
 
-def _chunk_rows(n: int, chunk_size: int) -> list[slice]:
-    # One empty chunk when nothing is valid, so the zero loss still has a graph.
-    return [slice(start, start + chunk_size) for start in range(0, max(n, 1), chunk_size)]
+def _chunk(
+    h: Tensor,
+    head: Tensor,
+    targets: Tensor,
+    teacher: tuple,
+    options: tuple,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk of n valid positions -> (CE sum, KD sum, d(mix)/d(logits) [n, V] in the logits' dtype, or None).
 
-
-def _teacher_rows(teacher: tuple, rows: slice) -> tuple:
+    The [n, V] logits (and the teacher's) live only inside this call. At kd_weight 0 the KD term is not computed.
+    """
     t_hidden, t_head, t_ids, t_logprobs = teacher
-    return (
-        None if t_hidden is None else t_hidden[rows],
-        t_head,
-        None if t_ids is None else t_ids[rows],
-        None if t_logprobs is None else t_logprobs[rows],
-    )
+    kind, temperature, beta, alpha, kd_weight, _ = options
+    logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
+    ce, d_logits = _ce_with_grad(logits, targets, need_grad=with_grad and kd_weight < 1.0)
+    if kd_weight == 0.0:
+        return (
+            ce,
+            torch.zeros((), dtype=ce.dtype, device=ce.device),
+            None if d_logits is None else d_logits.to(logits.dtype),
+        )
+    if t_ids is not None:
+        if not with_grad:
+            return ce, _sparse_kd_sum(logits, t_ids, t_logprobs, kind, temperature, beta, alpha), None
+        kd, d_kd = _sparse_kd_with_grad(logits, t_ids, t_logprobs, kind, temperature, beta, alpha)
+    else:
+        teacher_logits = F.linear(t_hidden, t_head.to(t_hidden.dtype))  # [n, V]
+        if not with_grad:
+            return ce, _dense_kd_sum(logits, teacher_logits, kind, temperature, beta, alpha), None
+        kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
+    d_logits = d_kd if d_logits is None else d_logits.mul_(1.0 - kd_weight).add_(d_kd, alpha=kd_weight)
+    return ce, kd, d_logits.to(logits.dtype)
 
 
-def _chunk_sums(hidden: Tensor, head: Tensor, targets: Tensor, teacher: tuple, options: tuple) -> tuple[Tensor, Tensor]:
-    """CE and KD sums over [N, d] valid positions, chunk by chunk, without gradients."""
-    kind, temperature, beta, alpha, _, chunk_size = options
-    sums = [
-        _chunk_losses(hidden[rows], head, targets[rows], *_teacher_rows(teacher, rows), kind, temperature, beta, alpha)
-        for rows in _chunk_rows(hidden.shape[0], chunk_size)
-    ]
-    return torch.stack([c for c, _ in sums]).sum(), torch.stack([k for _, k in sums]).sum()
+def _chunked(
+    hidden: Tensor, head: Tensor, targets: Tensor, teacher: tuple, options: tuple, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """CE and KD sums over [N, d] valid positions, chunk by chunk, with dL/dhidden [N, d] and dL/dhead [V, d]."""
+    t_hidden, t_head, t_ids, t_logprobs = teacher
+    grad_hidden = grad_head = None
+    if with_grad:
+        accumulate = torch.promote_types(head.dtype, torch.float32)  # bf16 heads accumulate in float32
+        grad_hidden = torch.zeros_like(hidden)  # [N, d_S]
+        grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device)  # [V, d_S]
+    ce_parts, kd_parts = [], []
+    # One empty chunk when nothing is valid, so the zero loss still has a graph.
+    chunk_size = options[-1]
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows].detach()  # [n, d_S]
+        chunk_teacher = (
+            None if t_hidden is None else t_hidden[rows],
+            t_head,
+            None if t_ids is None else t_ids[rows],
+            None if t_logprobs is None else t_logprobs[rows],
+        )
+        ce, kd, d_logits = _chunk(h, head, targets[rows], chunk_teacher, options, with_grad)
+        if with_grad:
+            grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
+            grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(grad_head.dtype)
+        ce_parts.append(ce.detach())
+        kd_parts.append(kd.detach())
+    return torch.stack(ce_parts).sum(), torch.stack(kd_parts).sum(), grad_hidden, grad_head
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -581,29 +596,9 @@ class _FusedChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, head, targets, t_hidden, t_head, t_ids, t_logprobs, kind, temperature, beta, alpha,
                 kd_weight, chunk_size):  # fmt: skip
-        grad_hidden = torch.zeros_like(hidden)  # [N, d_S]
-        accumulate = torch.promote_types(head.dtype, torch.float32)  # bf16 heads accumulate in float32
-        grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device)  # [V, d_S]
-        ce_parts, kd_parts = [], []
-        for rows in _chunk_rows(hidden.shape[0], chunk_size):
-            h = hidden[rows].detach()  # [n, d_S]
-            logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
-            ce, d_logits = _ce_with_grad(logits, targets[rows], need_grad=kd_weight < 1.0)
-            kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
-            if kd_weight > 0.0:
-                if t_ids is not None:
-                    kd, d_kd = _sparse_kd_with_grad(logits, t_ids[rows], t_logprobs[rows], kind, temperature, beta,
-                                                    alpha)  # fmt: skip
-                else:
-                    teacher_logits = F.linear(t_hidden[rows], t_head.to(t_hidden.dtype))  # [n, V]
-                    kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
-                d_logits = d_kd if d_logits is None else d_logits.mul_(1.0 - kd_weight).add_(d_kd, alpha=kd_weight)
-            d_logits = d_logits.to(logits.dtype)
-            grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
-            grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(accumulate)
-            ce_parts.append(ce.detach())
-            kd_parts.append(kd.detach())
-        ce_sum, kd_sum = torch.stack(ce_parts).sum(), torch.stack(kd_parts).sum()
+        teacher = (t_hidden, t_head, t_ids, t_logprobs)
+        options = (kind, temperature, beta, alpha, kd_weight, chunk_size)
+        ce_sum, kd_sum, grad_hidden, grad_head = _chunked(hidden, head, targets, teacher, options, with_grad=True)
         ctx.save_for_backward(grad_hidden, grad_head.to(head.dtype))
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return _mix(ce_sum, kd_sum, kd_weight).clone(), ce_sum, kd_sum
@@ -660,7 +655,8 @@ def chunked_distill_loss(
         chunk_size: Number of valid positions per chunk.
 
     Returns:
-        ``(total, ce, kd)`` scalars, each normalized by ``num_items``; ``kd`` is 0 without a teacher.
+        ``(total, ce, kd)`` scalars, each normalized by ``num_items``; ``kd`` is 0 without a teacher or at
+        ``kd_weight`` 0 (the term is not computed).
     """
     if student_hidden.dim() < 2 or tuple(labels.shape) != tuple(student_hidden.shape[:-1]):
         raise LmdistillError(
@@ -724,7 +720,7 @@ def chunked_distill_loss(
     if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
         weighted, ce_sum, kd_sum = _FusedChunks.apply(hidden, student_head, targets, *teacher, *options)
     else:
-        ce_sum, kd_sum = _chunk_sums(hidden, student_head, targets, teacher, options)
+        ce_sum, kd_sum, _, _ = _chunked(hidden, student_head, targets, teacher, options, with_grad=False)
         weighted = _mix(ce_sum, kd_sum, kd_weight)
     total = _normalize(weighted, valid, num_items)
     ce = _normalize(ce_sum, valid, num_items)
