@@ -45,7 +45,7 @@ def save_checkpoint(
     tokenizer: Any,
     training_state: dict[str, Any],
     meta: dict[str, Any],
-) -> Path:
+) -> None:
     """Write checkpoint `root/step-NNNNNN` atomically and point `root/latest` at it.
 
     Args:
@@ -55,9 +55,6 @@ def save_checkpoint(
         tokenizer: saved beside the model.
         training_state: optimizer, scheduler, RNG and data-position state (`torch.save`d).
         meta: JSON-serializable step, metrics and config.
-
-    Returns:
-        The checkpoint directory.
     """
     final = root / f"step-{step:06d}"
     with staged(final) as staging:
@@ -67,7 +64,6 @@ def save_checkpoint(
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     with staged(root / LATEST, directory=False) as pointer:
         pointer.write_text(final.name + "\n")
-    return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:

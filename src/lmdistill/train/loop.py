@@ -148,14 +148,18 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
         teacher = loaded.model.to(processes.device)
         check_same_vocabulary(student, tokenizer, teacher, loaded.tokenizer)
 
-    if processes.main:
-        data = prepare_data(
-            config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
-        )
-    if processes.world > 1:
+    # The main process prepares (or finds) the packed data first; the others then read its cache.
+    if processes.world > 1 and not processes.main:
         torch.distributed.barrier()
-    if not processes.main:
-        data = prepare_data(config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=False)
+    data = prepare_data(
+        config.data,
+        tokenizer,
+        config.seq_len,
+        val_fraction=config.val_fraction,
+        progress=config.progress and processes.main,
+    )
+    if processes.world > 1 and processes.main:
+        torch.distributed.barrier()
     if config.teacher_cache is not None and config.kd_share > 0:
         cache = TeacherCache.open(Path(config.teacher_cache), data)
     order = DataOrder(len(data.train), config.seed)
@@ -191,8 +195,7 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
         (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
     metrics = MetricsLog(out, start_step) if processes.main else None
 
-    per_process = config.batch_size * config.grad_accum
-    global_batch = per_process * processes.world
+    global_batch = config.batch_size * config.grad_accum * processes.world
     num_items = global_batch * (config.seq_len - 1)  # every position but the last of each block predicts a token
     val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]
 
@@ -206,14 +209,11 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
             processes=processes,
         )
 
-    def save(step: int, record: dict[str, Any]) -> Path:
-        states = [None] * processes.world
-        rng = checkpoint.rng_state()
+    def save(step: int, record: dict[str, Any]) -> None:
+        states = [checkpoint.rng_state()]
         if processes.world > 1:
-            torch.distributed.all_gather_object(states, rng)
-        else:
-            states = [rng]
-        path = root / f"step-{step:06d}"
+            states = [None] * processes.world
+            torch.distributed.all_gather_object(states, checkpoint.rng_state())
         if processes.main:
             training_state = {
                 "optimizer": optimizer.state_dict(),
@@ -222,17 +222,10 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
                 "step": step,
                 "samples_seen": step * global_batch,
             }
-            path = checkpoint.save_checkpoint(
-                root,
-                step,
-                student,
-                tokenizer,
-                training_state,
-                {"step": step, "metrics": record, "config": vars(config)},
-            )
+            meta = {"step": step, "metrics": record, "config": vars(config)}
+            checkpoint.save_checkpoint(root, step, student, tokenizer, training_state, meta)
         if processes.world > 1:
             torch.distributed.barrier()
-        return path
 
     bar = tqdm(
         total=config.max_steps,
