@@ -185,6 +185,20 @@ def test_explained_variance_is_the_kept_share_of_the_visible_energy(mode, layer_
     assert shares[0] < shares[1] < shares[2] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_random_projection_is_a_seeded_orthonormal_basis_that_keeps_less_than_pca(layer_norm):
+    embed = torch.randn(VOCAB, 32, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3.0, 32) + 0.3
+    width = 8
+    a, b, c = (pca_projection(embed, width, "random", layer_norm, seed=s) for s in (1, 1, 2))
+    m = a.matrix.double()
+    gram = torch.eye(width, dtype=torch.float64) - (1.0 / width if layer_norm else 0.0)
+    torch.testing.assert_close(m.T @ m, gram, rtol=0, atol=1e-6)
+    if layer_norm:  # the student's stream stays zero-mean, as for the PCA basis
+        torch.testing.assert_close(m.sum(dim=1), torch.zeros(32, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert torch.equal(a.matrix, b.matrix) and not torch.allclose(a.matrix, c.matrix)
+    assert a.explained_variance < pca_projection(embed, width, "uncentered", layer_norm).explained_variance
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_student_embeddings_span_the_top_right_singular_subspace(kind):
     teacher = tiny_teacher(kind)

@@ -111,7 +111,11 @@ class InitConfig:
     intermediate_size: int | None = field(default=None, metadata={"help": "student MLP width (default: the teacher's)"})
     head_dim: int | None = field(default=None, metadata={"help": "student head width (default: the teacher's)"})
     pca: PCAMode = field(
-        default="uncentered", metadata={"help": "GUIDE projection: SVD of the embeddings, or PCA of centered ones"}
+        default="uncentered",
+        metadata={
+            "help": "GUIDE projection: SVD of the embeddings, PCA of centered ones, or a random orthonormal basis "
+            "(ablation)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random initialization of what is not transferred"})
     out: str | None = field(default=None, metadata={"help": "output directory (required)"})

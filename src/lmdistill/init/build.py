@@ -48,7 +48,7 @@ def build_student(
         teacher: a supported Hugging Face causal LM in float32.
         shape: the student's shape (from `derive_student_shape`).
         method: one of `INIT_METHODS`.
-        pca: "uncentered" or "centered" projection (guide methods only).
+        pca: "uncentered", "centered" or "random" projection (guide methods only).
         seed: seeds the random initialization of everything the method does not transfer.
 
     Returns:
@@ -71,7 +71,7 @@ def build_student(
         select_embeddings_and_head(source, target, width)
         target.blocks = [select_width(select_block(source.blocks[i], indices), width) for i in range(shape.num_layers)]
     elif method in ("guide", "guide-all"):
-        projection = pca_projection(source.embed, shape.hidden_size, pca, layer_norm=adapter.norm == "layer")
+        projection = pca_projection(source.embed, shape.hidden_size, pca, layer_norm=adapter.norm == "layer", seed=seed)
         m, variance = projection.matrix, projection.explained_variance
         fold_embeddings_and_head(source, target, m)
         teacher_layers = [0] if method == "guide" else uniform_indices(teacher_shape.num_layers, shape.num_layers)

@@ -30,7 +30,7 @@ from torch import Tensor
 from lmdistill.init.select import map_width
 from lmdistill.models.adapters import BlockWeights, ModelWeights, Norm
 
-PCAMode = Literal["uncentered", "centered"]
+PCAMode = Literal["uncentered", "centered", "random"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Projection:
     explained_variance: float  # ||E M||^2 / ||E||^2; for LayerNorm models over ||E C||^2, the part the model sees
 
 
-def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False) -> Projection:
+def pca_projection(
+    embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False, seed: int = 0
+) -> Projection:
     """The projection M: top right singular vectors of the (optionally centered) embedding table.
 
     Everything is computed from the d_T x d_T Gram matrix E^T E (one float32 pass over the V x d_T table,
@@ -58,8 +60,10 @@ def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", laye
         embed: teacher embedding table E_T [V, d_T].
         width: d_S <= d_T (at least 2 with `layer_norm`).
         mode: "uncentered" (SVD of E_T) or "centered" (PCA of E_T minus its mean row). Either way the student's
-            embeddings are E_T M; centering only changes which subspace M spans.
+            embeddings are E_T M; centering only changes which subspace M spans. "random": a seeded random orthonormal
+            basis instead of the singular vectors (the ablation that isolates the value of PCA).
         layer_norm: whether the model's norms are LayerNorms (see above).
+        seed: seeds the basis of the "random" mode.
 
     Returns:
         M [d_T, d_S], ordered by decreasing singular value, with orthonormal columns for RMSNorm models and
@@ -81,8 +85,12 @@ def pca_projection(embed: Tensor, width: int, mode: PCAMode = "uncentered", laye
             mean = mean @ centering
         target = visible - vocab * torch.outer(mean, mean)
     rank = width - 1 if layer_norm else width
-    _, vectors = torch.linalg.eigh(target)  # ascending eigenvalues
-    m = vectors[:, -rank:].flip(dims=[1])  # [d_T, rank]
+    if mode == "random":
+        gaussian = torch.randn(d, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        m, _ = torch.linalg.qr(centering @ gaussian if layer_norm else gaussian)  # [d_T, rank], Haar-distributed
+    else:
+        _, vectors = torch.linalg.eigh(target)  # ascending eigenvalues
+        m = vectors[:, -rank:].flip(dims=[1])  # [d_T, rank]
     m = m * torch.sign(m.gather(0, m.abs().argmax(dim=0, keepdim=True)))
     if layer_norm:
         ones_first = torch.eye(width, dtype=m.dtype)
