@@ -84,10 +84,10 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def build_cache(ws: Path, out: str, top_k: int) -> None:
+def build_cache(ws: Path, out: str, top_k: int, *extra: object) -> None:
     """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`."""
     args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
-            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out]  # fmt: skip
+            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
     assert main(["cache-teacher", *map(str, args)]) == 0
 
 
@@ -170,6 +170,20 @@ def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspac
     a, b = weights(workspace / "kd-online" / "final"), weights(workspace / "kd-cached" / "final")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_cache_of_the_blocks_a_run_reads_serves_that_run_and_refuses_a_longer_one(workspace):
+    samples = 4 * 4  # config's max_steps x batch_size
+    build_cache(workspace, "cache-run", 96, "--samples", samples, "--seed", 3)
+    manifest = json.loads((workspace / "cache-run" / "manifest.json").read_text())
+    assert manifest["num_blocks"] <= samples < manifest["data_num_blocks"]
+    online = run_train(config(workspace, "kd-online-3", loss="kd", seed=3, teacher=str(workspace / "teacher")))
+    cached = run_train(config(workspace, "kd-run-3", loss="kd", seed=3, teacher_cache=str(workspace / "cache-run")))
+    assert cached["val_loss"] == pytest.approx(online["val_loss"], rel=1e-5)
+    for seed, steps in ((3, 8), (4, 4)):
+        with pytest.raises(LmdistillError, match=f"lacks .* cache-teacher --samples {4 * steps} --seed {seed}"):
+            run_train(config(workspace, f"kd-refused-{seed}", loss="kd", seed=seed, max_steps=steps,
+                             teacher_cache=str(workspace / "cache-run")))  # fmt: skip
 
 
 def test_a_mismatched_or_corrupt_cache_is_refused(workspace):

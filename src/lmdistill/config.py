@@ -231,6 +231,14 @@ class CacheTeacherConfig:
     seq_len: int = field(default=256, metadata={"help": "tokens per block; must match the training run"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     top_k: int = field(default=64, metadata={"help": "token ids kept per position"})
+    samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "cache only the blocks that the first N training samples of a run with --seed read (N = max-steps"
+            " x batch-size x grad-accum x processes); default: every training block"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "with --samples: the --seed of the training run"})
     batch_size: int = field(default=8, metadata={"help": "blocks per teacher forward pass"})
     precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -239,8 +247,10 @@ class CacheTeacherConfig:
         check_types(self)
         if self.out is None:
             raise LmdistillError("--out is required: the directory to write the cache to")
-        if self.seq_len < 2 or self.top_k < 1 or self.batch_size < 1:
-            raise LmdistillError("--seq-len must be at least 2, --top-k and --batch-size at least 1")
+        if self.seq_len < 2 or self.top_k < 1 or self.batch_size < 1 or (self.samples is not None and self.samples < 1):
+            raise LmdistillError("--seq-len must be at least 2, --top-k, --batch-size and --samples at least 1")
+        if self.seed < 0:
+            raise LmdistillError(f"--seed must be non-negative, got {self.seed}")
         if not 0.0 < self.val_fraction < 1.0:
             raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -1,12 +1,14 @@
 """Top-k teacher distribution cache: run the teacher once over the training blocks, distill from disk afterwards.
 
-Format (version 1), one directory:
+Format (version 2), one directory:
 
-- `manifest.json`: `format` ("lmdistill-teacher-cache"), `version` (1), `teacher` (name), `teacher_fingerprint`
+- `manifest.json`: `format` ("lmdistill-teacher-cache"), `version` (2), `teacher` (name), `teacher_fingerprint`
   (sha256 of the teacher's config and weights), `tokenizer_fingerprint`, `vocab_size`, `data_fingerprint` (of the
-  packed data it was computed on), `seq_len`, `top_k`, `temperature` (always 1), `num_blocks`, and `shards`: a list
-  of `{"file", "first_block", "num_blocks"}` covering training blocks 0..num_blocks-1 in order.
-- `shard-NNNNNN.safetensors`, each holding, for `n` consecutive training blocks of `L` tokens:
+  packed data it was computed on), `data_num_blocks` (training blocks in that data), `seq_len`, `top_k`,
+  `temperature` (always 1), `num_blocks` (blocks cached: all of the data's, or the ones a run of known length
+  reads), and `shards`: a list of `{"file", "num_blocks"}`.
+- `shard-NNNNNN.safetensors`, each holding `n` training blocks of `L` tokens:
+  `blocks` int64 [n] (their indices among the data's training blocks),
   `ids` int32 [n, L, K] (the teacher's top-K next-token ids at each position, most probable first),
   `logprobs` float32 [n, L, K] (their log-probabilities at temperature 1) and `tail` float32 [n, L]
   (1 - the sum of those probabilities: the mass of the other V - K tokens).
@@ -28,9 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import PackedData, prepare_data, tokenizer_fingerprint
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluate import autocast
@@ -39,7 +43,7 @@ from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
 
-FORMAT, VERSION = "lmdistill-teacher-cache", 1
+FORMAT, VERSION = "lmdistill-teacher-cache", 2
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -60,12 +64,13 @@ def write_cache(
     out: Path,
     *,
     top_k: int,
+    blocks: np.ndarray | None = None,
     batch_size: int = 8,
     shard_blocks: int = 256,
     precision: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute and store the teacher's top-k next-token distribution on every training block.
+    """Compute and store the teacher's top-k next-token distribution on training blocks.
 
     Args:
         teacher: the teacher causal LM (eval mode).
@@ -74,6 +79,7 @@ def write_cache(
         data: packed data; its training blocks are cached.
         out: the cache directory.
         top_k: K, number of token ids kept per position (1 <= K <= V).
+        blocks: indices of the training blocks to cache, distinct (default: all, in order).
         batch_size: blocks per teacher forward pass.
         shard_blocks: blocks per shard file.
         precision: "auto", "bf16" or "fp32" autocast of the teacher's forward pass.
@@ -87,31 +93,35 @@ def write_cache(
         raise LmdistillError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
     if tokenizer_fingerprint(tokenizer) != data.manifest["tokenizer_fingerprint"]:
         raise LmdistillError("the teacher's tokenizer is not the one the data was tokenized with")
+    n_data_blocks, seq_len = data.train.shape
+    blocks = np.arange(n_data_blocks) if blocks is None else np.asarray(blocks, dtype=np.int64)
+    if len(np.unique(blocks)) != len(blocks) or blocks.min(initial=0) < 0 or blocks.max(initial=0) >= n_data_blocks:
+        raise LmdistillError(f"blocks to cache must be distinct training block indices below {n_data_blocks}")
     out.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
-    n_blocks, seq_len = data.train.shape
     shards = []
-    bar = tqdm(total=n_blocks, unit="block", desc="teacher cache", disable=not progress)
-    for first in range(0, n_blocks, shard_blocks):
-        count = min(shard_blocks, n_blocks - first)
+    bar = tqdm(total=len(blocks), unit="block", desc="teacher cache", disable=not progress)
+    for first in range(0, len(blocks), shard_blocks):
+        indices = blocks[first : first + shard_blocks]
         name = f"shard-{first // shard_blocks:06d}.safetensors"
-        shards.append({"file": name, "first_block": first, "num_blocks": count})
-        if (out / name).exists():  # written atomically by an earlier, interrupted run
-            bar.update(count)
+        shards.append({"file": name, "num_blocks": len(indices)})
+        if _shard_blocks(out / name) == indices.tolist():  # written atomically by an earlier, interrupted run
+            bar.update(len(indices))
             continue
-        ids = torch.empty(count, seq_len, top_k, dtype=torch.int32)
-        logprobs = torch.empty(count, seq_len, top_k, dtype=torch.float32)
-        for start in range(0, count, batch_size):
-            rows = slice(start, min(start + batch_size, count))
-            block = torch.as_tensor(data.train[first + rows.start : first + rows.stop].astype(np.int64), device=device)
+        ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
+        logprobs = torch.empty(len(indices), seq_len, top_k, dtype=torch.float32)
+        for start in range(0, len(indices), batch_size):
+            rows = slice(start, min(start + batch_size, len(indices)))
+            block = torch.as_tensor(data.train[indices[rows]].astype(np.int64), device=device)
             with autocast(device, precision):
                 logits = teacher(input_ids=block).logits  # [b, L, V]
             top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, K]
             ids[rows], logprobs[rows] = top.indices.int().cpu(), top.values.cpu()
             bar.update(rows.stop - rows.start)
         tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)  # [n, L]
+        tensors = {"blocks": torch.as_tensor(indices), "ids": ids, "logprobs": logprobs, "tail": tail}
         with staged(out / name, directory=False) as staging:
-            save_file({"ids": ids, "logprobs": logprobs, "tail": tail}, staging)
+            save_file(tensors, staging)
     bar.close()
     manifest = {
         "format": FORMAT,
@@ -121,10 +131,11 @@ def write_cache(
         "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
         "vocab_size": vocab,
         "data_fingerprint": data.fingerprint,
+        "data_num_blocks": n_data_blocks,
         "seq_len": seq_len,
         "top_k": top_k,
         "temperature": 1.0,
-        "num_blocks": n_blocks,
+        "num_blocks": len(blocks),
         "shards": shards,
     }
     with staged(out / "manifest.json", directory=False) as staging:
@@ -132,11 +143,21 @@ def write_cache(
     return manifest
 
 
+def _shard_blocks(file: Path) -> list[int] | None:
+    """The block indices an existing shard holds, or None when there is no readable shard."""
+    try:
+        with safe_open(file, framework="pt") as shard:
+            return shard.get_tensor("blocks").tolist()
+    except Exception:
+        return None
+
+
 @dataclass
 class TeacherCache:
     """A teacher cache opened for training, checked against the data it will be read with."""
 
     manifest: dict[str, Any]
+    slots: torch.Tensor  # [data blocks] int64: row of each training block in ids/logprobs, -1 where not cached
     ids: torch.Tensor  # [N, L, K] int32
     logprobs: torch.Tensor  # [N, L, K] float32
 
@@ -167,7 +188,7 @@ class TeacherCache:
             "seq_len": data.train.shape[1],
             "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
             "data_fingerprint": data.fingerprint,
-            "num_blocks": data.train.shape[0],
+            "data_num_blocks": data.train.shape[0],
         }
         for key, value in expected.items():
             if manifest.get(key) != value:
@@ -176,8 +197,7 @@ class TeacherCache:
                     f"the data's is {value!r}; rebuild it with lmdistill cache-teacher on the same --data, "
                     "--seq-len and tokenizer"
                 )
-        ids, logprobs = [], []
-        covered = 0
+        blocks, ids, logprobs = [], [], []
         for shard in manifest["shards"]:
             file = path / shard["file"]
             try:
@@ -185,19 +205,32 @@ class TeacherCache:
             except Exception as exc:
                 raise LmdistillError(f"teacher cache shard {file} is missing or corrupt: {exc}") from exc
             shape = (shard["num_blocks"], manifest["seq_len"], manifest["top_k"])
-            if shard["first_block"] != covered or tuple(tensors["ids"].shape) != shape:
-                raise LmdistillError(f"teacher cache shard {file} does not hold blocks the manifest says it does")
+            if tuple(tensors["ids"].shape) != shape or tuple(tensors["blocks"].shape) != shape[:1]:
+                raise LmdistillError(f"teacher cache shard {file} does not hold the blocks the manifest says it does")
+            blocks.append(tensors["blocks"])
             ids.append(tensors["ids"])
             logprobs.append(tensors["logprobs"])
-            covered += shard["num_blocks"]
-        if covered != manifest["num_blocks"]:
-            raise LmdistillError(f"teacher cache {path} covers {covered} of {manifest['num_blocks']} blocks")
-        return cls(manifest, torch.cat(ids), torch.cat(logprobs))
+        cached = torch.cat(blocks)
+        if len(cached) != manifest["num_blocks"] or len(cached.unique()) != len(cached):
+            raise LmdistillError(
+                f"teacher cache {path} holds {len(cached)} blocks, not the {manifest['num_blocks']} "
+                "distinct blocks its manifest lists"
+            )
+        slots = torch.full((data.train.shape[0],), -1, dtype=torch.long)
+        slots[cached] = torch.arange(len(cached))
+        return cls(manifest, slots, torch.cat(ids), torch.cat(logprobs))
+
+    def missing(self, blocks: np.ndarray) -> np.ndarray:
+        """The distinct training blocks among `blocks` that the cache does not hold."""
+        unique = np.unique(blocks)
+        return unique[self.slots[torch.as_tensor(unique)].numpy() < 0]
 
     def lookup(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached top-k ids (int64) and log-probabilities of training blocks `blocks`, each [B, L, K]."""
-        index = torch.as_tensor(blocks, dtype=torch.long)
-        return self.ids[index].long(), self.logprobs[index]
+        rows = self.slots[torch.as_tensor(blocks, dtype=torch.long)]
+        if (rows < 0).any():
+            raise LmdistillError(f"the teacher cache does not hold training blocks {self.missing(blocks).tolist()}")
+        return self.ids[rows].long(), self.logprobs[rows]
 
 
 def run_cache_teacher(config: Any) -> dict[str, Any]:
@@ -213,6 +246,9 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
     data = prepare_data(
         config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
     )
+    blocks = None
+    if config.samples is not None:  # the blocks a run of that many samples reads, in storage order
+        blocks = np.unique(DataOrder(len(data.train), config.seed).blocks(0, config.samples))
     return write_cache(
         teacher.model,
         teacher.name,
@@ -220,6 +256,7 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         data,
         Path(config.out),
         top_k=config.top_k,
+        blocks=blocks,
         batch_size=config.batch_size,
         precision=config.precision,
         progress=config.progress,

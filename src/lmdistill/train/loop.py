@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmdistill.config import TrainConfig, to_yaml
+from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluate import autocast, heldout_loss, perplexity, shifted_labels
@@ -38,29 +39,6 @@ from lmdistill.teacher_cache import TeacherCache
 from lmdistill.train import checkpoint, distributed
 
 log = logging.getLogger(__name__)
-
-
-class DataOrder:
-    """Which training blocks each micro-batch reads: a seeded permutation per epoch, a pure function of the position.
-
-    Sample position p (counted over the whole run) is block `perm(p // N)[p % N]`, so resuming at a step needs no
-    iterator state, and any split of a step's samples over micro-batches and processes reads the same set.
-    """
-
-    def __init__(self, n_blocks: int, seed: int) -> None:
-        self.n_blocks, self.seed = n_blocks, seed
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def blocks(self, start: int, count: int) -> np.ndarray:
-        """Block indices of sample positions [start, start + count)."""
-        out = np.empty(count, dtype=np.int64)
-        for i, position in enumerate(range(start, start + count)):
-            epoch = position // self.n_blocks
-            if epoch != self._epoch:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch, self._perm = epoch, torch.randperm(self.n_blocks, generator=generator).numpy()
-            out[i] = self._perm[position % self.n_blocks]
-        return out
 
 
 class Trunk(nn.Module):
@@ -160,9 +138,17 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
     )
     if processes.world > 1 and processes.main:
         torch.distributed.barrier()
+    order = DataOrder(len(data.train), config.seed)
+    global_batch = config.batch_size * config.grad_accum * processes.world
     if config.teacher_cache is not None and config.kd_share > 0:
         cache = TeacherCache.open(Path(config.teacher_cache), data)
-    order = DataOrder(len(data.train), config.seed)
+        total_samples = config.max_steps * global_batch
+        missing = cache.missing(order.blocks(0, total_samples))
+        if len(missing):
+            raise LmdistillError(
+                f"teacher cache {config.teacher_cache} lacks {len(missing)} of the training blocks this run reads; "
+                f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without --samples)"
+            )
 
     model = Trunk(student)
     if processes.world > 1:
@@ -195,7 +181,6 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
         (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
     metrics = MetricsLog(out, start_step) if processes.main else None
 
-    global_batch = config.batch_size * config.grad_accum * processes.world
     num_items = global_batch * (config.seq_len - 1)  # every position but the last of each block predicts a token
     val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]
 
