@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 96
+WORDS = "the a of and to in is was it that for on with as by at from this be are".split()
 
 
 def tiny_config(kind: str, **overrides) -> PretrainedConfig:
@@ -63,8 +64,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "the a of and to in is was it that for on with as by at from this be are".split()
-    words += list("bcdefghijklmnopqrstuvwxyz.,;:!?'\"-()0123456789")  # "a" is a word already
+    words = WORDS + list("bcdefghijklmnopqrstuvwxyz.,;:!?'\"-()0123456789")  # "a" is a word already
     vocab = {token: i for i, token in enumerate(["<s>", "</s>", "<unk>", *words])}
     vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -76,4 +76,15 @@ def save_tiny_teacher(path, kind: str = "llama", **overrides):
     """Save a randomized tiny teacher with its tokenizer as a Hugging Face directory; return the path."""
     tiny_teacher(kind, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_corpus(path, documents: int = 12, words: int = 400):
+    """A directory of text documents drawn from the tiny tokenizer's words (seeded); return the path."""
+    import random
+
+    rng = random.Random(0)
+    path.mkdir()
+    for i in range(documents):
+        (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(words)))
     return path

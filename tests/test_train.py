@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
+from conftest import save_tiny_teacher, write_corpus
 from transformers import AutoModelForCausalLM
 
 from lmdistill.cli import main
@@ -20,8 +19,6 @@ from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
 from lmdistill.train import loop
 from lmdistill.train.loop import run_train
-
-WORDS = "the a of and to in is was it that for on with as by at from this be are".split()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +48,7 @@ def workspace(tmp_path_factory):
         )
         == 0
     )
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)))
+    write_corpus(root / "corpus")
     previous = os.environ.get("LMDISTILL_CACHE")
     os.environ["LMDISTILL_CACHE"] = str(root / "cache")
     yield root

@@ -14,7 +14,15 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from lmdistill import __version__
-from lmdistill.config import CacheTeacherConfig, EvalConfig, InitConfig, TrainConfig, load_yaml
+from lmdistill.config import (
+    CacheTeacherConfig,
+    DemoConfig,
+    EvalConfig,
+    InitConfig,
+    StudyConfig,
+    TrainConfig,
+    load_yaml,
+)
 from lmdistill.errors import LmdistillError
 
 
@@ -58,12 +66,27 @@ def _eval(config: EvalConfig) -> None:
     print(f"results written to {results['written_to']}")
 
 
+def _study(config: StudyConfig) -> None:
+    from lmdistill.report import headline_table
+    from lmdistill.study import run_study
+
+    results = run_study(config)
+    out = results["written_to"]
+    print(f"\n{headline_table(results)}\n\nreport: {out}/report.md (plots: {out}/curves.png, {out}/gap.png)")
+
+
+def _demo(config: DemoConfig) -> None:
+    _study(config.study_config())
+
+
 # name -> (config dataclass, run function, one-line description)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "init": (InitConfig, _init, "initialize a student from a teacher (random, weight-selection, guide, guide-all)"),
     "train": (TrainConfig, _train, "train a student with cross-entropy and/or distillation (online or cached teacher)"),
     "cache-teacher": (CacheTeacherConfig, _cache_teacher, "store the teacher's top-k distributions for cached KD"),
     "eval": (EvalConfig, _eval, "held-out loss and perplexity; with --teacher and --baseline, the gap closed"),
+    "study": (StudyConfig, _study, "compare initializations and losses on one student shape: results, report, plots"),
+    "demo": (DemoConfig, _demo, "the study on built-in defaults, small enough for a 2-core CPU in 15 minutes"),
 }
 
 

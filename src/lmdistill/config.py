@@ -280,3 +280,168 @@ class EvalConfig:
             raise LmdistillError("--seq-len must be at least 2, --batch-size and --eval-tokens at least 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class StudyArm:
+    """One arm of a study: how the student starts and what it trains on."""
+
+    init: InitMethod
+    loss: LossMix
+    pca: PCAMode = "uncentered"
+
+
+# name -> arm; the first five are the main comparison, the rest ablations
+STUDY_ARMS: dict[str, StudyArm] = {
+    "random": StudyArm("random", "ce"),
+    "weight-selection": StudyArm("weight-selection", "ce"),
+    "guide": StudyArm("guide", "ce"),
+    "kd": StudyArm("random", "kd"),
+    "guide+kd": StudyArm("guide", "kd"),
+    "guide-all": StudyArm("guide-all", "ce"),
+    "guide-centered": StudyArm("guide", "ce", "centered"),
+    "guide-random-projection": StudyArm("guide", "ce", "random"),
+    "weight-selection+kd": StudyArm("weight-selection", "kd"),
+}
+
+
+@dataclass
+class StudyConfig:
+    """`lmdistill study`: train one student shape under several initializations and losses, evaluate, report.
+
+    Every run of every arm sees the same training blocks in the same order (`data_seed`), the same token budget,
+    optimizer and schedule; a seed changes only the student's random initialization. The defaults are the demo's.
+    """
+
+    out: str | None = field(default=None, metadata={"help": "study directory (required)"})
+    teacher: str = field(default="default", metadata={"help": "teacher: HF directory, .gguf file or 'default'"})
+    data: list[str] | None = field(
+        default=None, metadata={"help": "text files, directories or globs (default: the built-in offline corpus)"}
+    )
+    arms: list[str] = field(
+        default_factory=lambda: ["random", "weight-selection", "guide", "kd", "guide+kd"],
+        metadata={"help": f"arms run with every seed in --seeds; known: {', '.join(STUDY_ARMS)}"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "initialization seeds of --arms"})
+    ablations: list[str] = field(default_factory=list, metadata={"help": "arms run with --ablation-seeds only"})
+    ablation_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds of --ablations"})
+    hidden_size: int = field(default=288, metadata={"help": "student width"})
+    num_layers: int = field(default=6, metadata={"help": "student blocks"})
+    num_heads: int = field(default=3, metadata={"help": "student query heads"})
+    num_kv_heads: int = field(default=1, metadata={"help": "student key/value heads"})
+    intermediate_size: int = field(default=768, metadata={"help": "student MLP width"})
+    train_tokens: int = field(
+        default=40960, metadata={"help": "training tokens per run (rounded up to whole optimizer steps)"}
+    )
+    batch_size: int = field(default=4, metadata={"help": "sequences per optimizer step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr (cosine)"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    kd_loss: KDLoss = field(default="forward-kl", metadata={"help": "divergence of the kd arms"})
+    kd_weight: float = field(default=1.0, metadata={"help": "kd arms: loss = (1 - w) * ce + w * kd"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kd loss"})
+    top_k: int = field(default=64, metadata={"help": "teacher cache: token ids kept per position"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the training data order, shared by every run"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
+    eval_points: int = field(default=4, metadata={"help": "held-out evaluations per run (the loss curve)"})
+    eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per evaluation, the same for all"})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted study; finished runs are kept"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.out is None:
+            raise LmdistillError("--out is required: the directory to write the study to")
+        for name in ("arms", "ablations"):
+            unknown = [arm for arm in getattr(self, name) if arm not in STUDY_ARMS]
+            if unknown:
+                raise LmdistillError(f"--{name}: unknown arms {unknown}; known: {', '.join(STUDY_ARMS)}")
+        if not self.arms and not self.ablations:
+            raise LmdistillError("--arms and --ablations are both empty: nothing to run")
+        overlap = sorted(set(self.arms) & set(self.ablations))
+        if overlap or len(set(self.arms)) < len(self.arms) or len(set(self.ablations)) < len(self.ablations):
+            raise LmdistillError(f"every arm may appear once in --arms and --ablations together; repeated: {overlap}")
+        for name in ("seeds", "ablation_seeds"):
+            seeds = getattr(self, name)
+            if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+                raise LmdistillError(f"--{name.replace('_', '-')} must be distinct non-negative seeds, got {seeds}")
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "train_tokens",
+                     "batch_size", "top_k", "eval_points", "eval_tokens"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_points > self.max_steps:
+            raise LmdistillError(f"--eval-points {self.eval_points} exceeds the {self.max_steps} optimizer steps")
+        # the remaining training options are checked by TrainConfig, built here once so errors come before any work
+        self.train_config(STUDY_ARMS["kd"], student="student", out="out", teacher_cache="cache")
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps per run: the token budget in whole steps."""
+        return -(-self.train_tokens // (self.batch_size * max(self.seq_len, 1)))
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (arm, seed) of the study, main arms first."""
+        return [(a, s) for a in self.arms for s in self.seeds] + [
+            (a, s) for a in self.ablations for s in self.ablation_seeds
+        ]
+
+    def init_config(self, arm: StudyArm, seed: int, out: str) -> InitConfig:
+        """The `lmdistill init` settings of an arm's student."""
+        sizes = {
+            k: getattr(self, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        }
+        return InitConfig(teacher=self.teacher, method=arm.init, pca=arm.pca, seed=seed, out=out, **sizes)
+
+    def train_config(
+        self, arm: StudyArm, *, student: str, out: str, teacher_cache: str | None, resume: bool = False
+    ) -> TrainConfig:
+        """The `lmdistill train` settings of one run."""
+        eval_every = max(1, self.max_steps // self.eval_points)
+        kd = arm.loss != "ce"
+        return TrainConfig(
+            student=student,
+            out=out,
+            teacher_cache=teacher_cache if kd else None,
+            data=self.data,
+            loss=("kd" if self.kd_weight == 1 else "ce+kd") if kd else "ce",
+            kd_loss=self.kd_loss,
+            temperature=self.temperature,
+            kd_weight=self.kd_weight,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            val_fraction=self.val_fraction,
+            eval_every=eval_every,
+            eval_tokens=self.eval_tokens,
+            save_every=eval_every,
+            log_every=eval_every,
+            seed=self.data_seed,
+            resume=resume,
+            progress=self.progress,
+        )
+
+
+@dataclass
+class DemoConfig:
+    """`lmdistill demo`: the study on built-in defaults (configs/demo.yaml), sized for a 2-core CPU in 15 minutes."""
+
+    out: str = field(default="runs/demo", metadata={"help": "study directory"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted demo; finished runs are kept"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+    def study_config(self) -> StudyConfig:
+        """The demo's study: `StudyConfig`'s defaults with this output directory."""
+        return StudyConfig(out=self.out, resume=self.resume, progress=self.progress)

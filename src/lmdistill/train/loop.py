@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,23 +96,26 @@ class MetricsLog:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
 
-def run_train(config: TrainConfig) -> dict[str, Any]:
+def run_train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train a student as `config` says; write checkpoints, metrics and `OUT/final`.
 
     Args:
         config: the resolved `TrainConfig`.
+        on_step: called with each optimizer step's metrics record (e.g. to drive an outer progress bar).
 
     Returns:
         A summary: steps, tokens, seconds, tokens/s, final held-out loss and perplexity, output paths.
     """
     processes = distributed.start()
     try:
-        return _train(config, processes)
+        return _train(config, processes, on_step)
     finally:
         distributed.stop()
 
 
-def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, processes: distributed.Processes, on_step: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     out = Path(config.out)
     root = out / "checkpoints"
     resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
@@ -157,14 +161,15 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
     optimizer = _optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
 
-    start_step = 0
+    start_step, last_record = 0, {}
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"][processes.rank])
         start_step = state["step"]
-        previous = json.loads((resume_from / "meta.json").read_text())["config"]
+        meta = json.loads((resume_from / "meta.json").read_text())
+        previous, last_record = meta["config"], meta["metrics"]
         changed = sorted(
             k for k, v in vars(config).items() if k not in ("resume", "max_steps") and previous.get(k) != v
         )
@@ -219,7 +224,7 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
         dynamic_ncols=True,
         disable=not (processes.main and config.progress),
     )
-    started, tokens_this_run, record = time.perf_counter(), 0, {}
+    started, tokens_this_run, record = time.perf_counter(), 0, last_record
     for step in range(start_step, config.max_steps):
         sums = torch.zeros(3, dtype=torch.float64, device=processes.device)  # total, ce, kd (already normalized)
         for micro in range(config.grad_accum):
@@ -290,13 +295,15 @@ def _train(config: TrainConfig, processes: distributed.Processes) -> dict[str, A
             metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
+        if on_step is not None:
+            on_step(record)
         if (config.save_every and done % config.save_every == 0) or is_last:
             save(done, record)
     bar.close()
 
+    # A run resumed from its final checkpoint reports that checkpoint's metrics (the last step always evaluates).
     summary: dict[str, Any] = {"steps": config.max_steps, "out": str(out)}
-    if start_step < config.max_steps:
-        summary.update({k: record[k] for k in ("tokens", "tokens_per_s", "val_loss", "val_ppl")})
+    summary.update({k: record[k] for k in ("tokens", "tokens_per_s", "val_loss", "val_ppl")})
     summary["seconds"] = time.perf_counter() - started
     if processes.main:
         final = out / "final"

@@ -1,0 +1,269 @@
+"""`lmdistill study` and `lmdistill demo`: one student shape, several initializations and losses, one report.
+
+Layout of a study directory:
+
+    study_config.yaml, environment.json    the resolved config and the software that ran it
+    teacher.json                           the teacher's held-out loss on the evaluation blocks
+    teacher-cache/                         top-k teacher distributions of the blocks the runs read (kd arms only)
+    students/<init>-<pca>-seed<S>/         initialized students, shared by arms that start alike
+    runs/<arm>/seed-<S>/                   one `lmdistill train` run directory per arm and seed
+    results.json, report.md, curves.png, gap.png
+
+Every stage is kept on disk, so `--resume` reuses finished students and runs and continues an interrupted run from
+its latest checkpoint.
+
+Launch: `lmdistill study --config configs/study-smollm2.yaml` or `lmdistill demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, to_yaml
+from lmdistill.data.order import DataOrder
+from lmdistill.data.packed import prepare_data
+from lmdistill.errors import LmdistillError
+from lmdistill.evaluate import gap_closed, heldout_loss, perplexity
+from lmdistill.init.run import run_init
+from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.provenance import environment
+from lmdistill.report import write_plots, write_report
+from lmdistill.teacher_cache import write_cache
+from lmdistill.train.loop import run_train
+
+log = logging.getLogger(__name__)
+
+
+def student_dir(out: Path, arm: StudyArm, seed: int) -> Path:
+    """Where the initialized student of an arm and seed lives; arms that start alike share it."""
+    pca = f"-{arm.pca}" if arm.init.startswith("guide") else ""
+    return out / "students" / f"{arm.init}{pca}-seed{seed}"
+
+
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    """The `lmdistill train` directory of one run."""
+    return out / "runs" / arm / f"seed-{seed}"
+
+
+def _finished(run: Path) -> dict[str, Any] | None:
+    summary = run / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def _check_resumable(config: StudyConfig, out: Path) -> None:
+    saved = out / "study_config.yaml"
+    if not saved.exists():
+        return
+    if not config.resume:
+        raise LmdistillError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
+    previous = load_yaml(saved, StudyConfig)
+    current = {k: v for k, v in vars(config).items() if k not in ("resume", "progress", "out")}
+    changed = sorted(k for k, v in current.items() if previous.get(k) != v and k not in ("arms", "ablations", "seeds"))
+    if changed:
+        raise LmdistillError(
+            f"--resume: the study in {out} was run with different {', '.join(changed)}; its runs would not be "
+            "comparable. Choose another --out, or restore those settings"
+        )
+
+
+def _measure_teacher(config: StudyConfig, out: Path, teacher: Any, val_blocks: np.ndarray) -> dict[str, Any]:
+    path = out / "teacher.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    log.info("evaluating the teacher on %d held-out tokens", val_blocks.size)
+    loss = heldout_loss(teacher.model, val_blocks, batch_size=config.batch_size, precision=config.precision)
+    result = {"name": teacher.name, "parameters": teacher.model.num_parameters(), "val_loss": loss}
+    result["val_ppl"] = perplexity(loss)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _prepare_students(config: StudyConfig, out: Path, val_blocks: np.ndarray) -> dict[Path, dict[str, Any]]:
+    """Initialize every distinct student once; return each one's init report with its step-0 held-out loss."""
+    reports = {}
+    for arm_name, seed in config.runs():
+        arm = STUDY_ARMS[arm_name]
+        path = student_dir(out, arm, seed)
+        if path in reports:
+            continue
+        if not (path / "init_report.json").is_file():
+            run_init(config.init_config(arm, seed, str(path)))
+        report = json.loads((path / "init_report.json").read_text())
+        if "step0_val_loss" not in report:  # on the study's own held-out blocks, beside init's built-in sample
+            student, _, _ = load_hf_directory(path, torch.float32)
+            report["step0_val_loss"] = heldout_loss(
+                student, val_blocks, batch_size=config.batch_size, precision=config.precision
+            )
+            (path / "init_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        reports[path] = report
+    return reports
+
+
+def _build_teacher_cache(config: StudyConfig, out: Path, teacher: Any, data: Any) -> Path | None:
+    if not any(STUDY_ARMS[arm].loss != "ce" for arm, _ in config.runs()):
+        return None
+    path = out / "teacher-cache"
+    if not (path / "manifest.json").is_file():
+        samples = config.max_steps * config.batch_size
+        blocks = np.unique(DataOrder(len(data.train), config.data_seed).blocks(0, samples))
+        log.info("caching the teacher's top-%d distributions on the %d blocks the runs read", config.top_k, len(blocks))
+        started = time.perf_counter()
+        write_cache(
+            teacher.model,
+            teacher.name,
+            teacher.tokenizer,
+            data,
+            path,
+            top_k=config.top_k,
+            blocks=blocks,
+            batch_size=config.batch_size,
+            precision=config.precision,
+            progress=config.progress,
+        )
+        (path / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+    return path
+
+
+def _curve(run: Path) -> list[dict[str, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {"tokens": r["tokens"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"]} for r in records if "val_loss" in r
+    ]
+
+
+def _spread(values: list[float]) -> float | None:
+    """Sample standard deviation over seeds; None for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def collect_results(
+    config: StudyConfig, out: Path, teacher: dict[str, Any], students: dict[Path, dict[str, Any]]
+) -> dict[str, Any]:
+    """Gather every finished run into the results: per arm and seed, then means and spreads over seeds.
+
+    The gap closed of a run is measured against the `random` run of the same seed when there is one (the pairing
+    removes the data-independent part of the seed-to-seed noise), else against the mean of the `random` runs.
+    """
+    per_run: dict[str, list[dict[str, Any]]] = {}
+    for arm_name, seed in config.runs():
+        run = run_dir(out, arm_name, seed)
+        summary = _finished(run)
+        if summary is None:
+            raise LmdistillError(f"run {run} has not finished")
+        student = students[student_dir(out, STUDY_ARMS[arm_name], seed)]
+        per_run.setdefault(arm_name, []).append(
+            {
+                "seed": seed,
+                "val_loss": summary["val_loss"],
+                "val_ppl": summary["val_ppl"],
+                "step0_val_loss": student["step0_val_loss"],
+                "explained_variance": student["explained_variance"],
+                "tokens": summary["tokens"],
+                "seconds": summary["seconds"],
+                "tokens_per_s": summary["tokens_per_s"],
+                "curve": _curve(run),
+            }
+        )
+    base = {r["seed"]: r for r in per_run.get("random", [])}
+    arms: dict[str, Any] = {}
+    for arm_name, runs in per_run.items():
+        arm = STUDY_ARMS[arm_name]
+        for r in runs:
+            paired = base.get(r["seed"])
+            for form in ("loss", "ppl"):
+                key = f"val_{form}"
+                reference = paired[key] if paired else statistics.mean(b[key] for b in base.values()) if base else None
+                r[f"gap_closed_{form}"] = None if reference is None else gap_closed(reference, r[key], teacher[key])
+        summary = {"init": arm.init, "pca": arm.pca if arm.init.startswith("guide") else None, "loss": arm.loss}
+        for key in ("val_loss", "val_ppl", "gap_closed_loss", "gap_closed_ppl", "step0_val_loss", "seconds"):
+            values = [r[key] for r in runs]
+            summary[key] = None if None in values else statistics.mean(values)
+            summary[f"{key}_std"] = None if None in values else _spread(values)
+        summary.update(seeds=[r["seed"] for r in runs], tokens=runs[0]["tokens"], per_seed=runs)
+        arms[arm_name] = summary
+    return {
+        "teacher": teacher,
+        "student": next(iter(students.values()))["student"],
+        "arms": arms,
+        "setup": {
+            "train_tokens_per_run": config.max_steps * config.batch_size * config.seq_len,
+            "max_steps": config.max_steps,
+            "eval_tokens": config.eval_tokens // config.seq_len * config.seq_len,
+        },
+        "config": vars(config),
+        "environment": environment(),
+    }
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run (or continue) a study and write results.json, report.md, curves.png and gap.png.
+
+    Args:
+        config: the resolved `StudyConfig`.
+
+    Returns:
+        The results (as in `results.json`), plus `written_to`: the study directory.
+    """
+    out = Path(config.out)
+    _check_resumable(config, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_config.yaml").write_text(to_yaml(config))
+    (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+
+    teacher = load_teacher(config.teacher)
+    data = prepare_data(config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction)
+    val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]  # the blocks `lmdistill train` evaluates on
+    teacher_result = _measure_teacher(config, out, teacher, val_blocks)
+    cache = _build_teacher_cache(config, out, teacher, data)
+    del teacher
+    students = _prepare_students(config, out, val_blocks)
+
+    runs = config.runs()
+    tokens_per_run = config.max_steps * config.batch_size * config.seq_len
+    done = [(arm, seed) for arm, seed in runs if _finished(run_dir(out, arm, seed))]
+    overall = tqdm(
+        total=len(runs) * tokens_per_run,
+        initial=len(done) * tokens_per_run,
+        unit="tok",
+        unit_scale=True,
+        desc="study",
+        dynamic_ncols=True,
+        disable=not config.progress,
+    )
+    for i, (arm_name, seed) in enumerate(runs, start=1):
+        run = run_dir(out, arm_name, seed)
+        if (arm_name, seed) in done:
+            continue
+        overall.set_description(f"study: run {i}/{len(runs)} {arm_name} seed {seed}")
+        arm = STUDY_ARMS[arm_name]
+        resume = (run / "checkpoints" / "latest").is_file()
+        train_config = config.train_config(
+            arm,
+            student=str(student_dir(out, arm, seed)),
+            out=str(run),
+            teacher_cache=str(cache) if cache else None,
+            resume=resume,
+        )
+        run_train(train_config, on_step=lambda record: overall.update(config.batch_size * config.seq_len))
+    overall.close()
+
+    results = collect_results(config, out, teacher_result, students)
+    if cache is not None:
+        results["teacher_cache"] = {
+            "blocks": json.loads((cache / "manifest.json").read_text())["num_blocks"],
+            "seconds": json.loads((cache / "build.json").read_text())["seconds"],
+        }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out / "report.md")
+    write_plots(results, out)
+    results["written_to"] = str(out)
+    return results

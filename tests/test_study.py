@@ -1,0 +1,170 @@
+"""`lmdistill study` / `demo`: a tiny study through the CLI, resume, the gap-closed arithmetic, the shipped configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import save_tiny_teacher, write_corpus
+
+from lmdistill.cli import main
+from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, load_yaml
+from lmdistill.errors import LmdistillError
+from lmdistill.study import collect_results, run_dir, student_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_STUDY = {
+    "arms": ["random", "guide+kd"],
+    "seeds": [0, 1],
+    "ablations": ["guide-random-projection"],
+    "ablation_seeds": [0],
+    "hidden_size": 16,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 24,
+    "train_tokens": 256,  # 4 steps of 4 x 16
+    "seq_len": 16,
+    "warmup_steps": 1,
+    "lr": 3e-3,
+    "top_k": 8,
+    "val_fraction": 0.2,
+    "eval_points": 2,
+    "eval_tokens": 64,
+    "precision": "fp32",
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny study run once through the CLI: its directory, config file and printed output."""
+    root = tmp_path_factory.mktemp("study")
+    previous = os.environ.get("LMDISTILL_CACHE")
+    os.environ["LMDISTILL_CACHE"] = str(root / "cache")
+    settings = dict(TINY_STUDY, teacher=str(save_tiny_teacher(root / "teacher")), data=[str(write_corpus(root / "c"))])
+    config_file = root / "study.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    out = root / "out"
+    code = main(["study", "--config", str(config_file), "--out", str(out), "--no-progress"])
+    yield out, config_file, code
+    if previous is None:
+        del os.environ["LMDISTILL_CACHE"]
+    else:
+        os.environ["LMDISTILL_CACHE"] = previous
+
+
+def test_tiny_study_writes_every_output_with_the_documented_keys(study):
+    out, _, code = study
+    assert code == 0
+    for name in ("results.json", "report.md", "curves.png", "gap.png", "study_config.yaml", "teacher.json"):
+        assert (out / name).is_file(), name
+    for name in ("curves.png", "gap.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["teacher"]) >= {"val_loss", "val_ppl"}
+    assert list(results["arms"]) == ["random", "guide+kd", "guide-random-projection"]
+    for name, arm in results["arms"].items():
+        assert set(arm) >= {"val_loss", "val_ppl", "gap_closed_loss", "gap_closed_ppl", "per_seed"}
+        assert [run["seed"] for run in arm["per_seed"]] == ([0] if name == "guide-random-projection" else [0, 1])
+        assert arm["val_loss"] == pytest.approx(sum(r["val_loss"] for r in arm["per_seed"]) / len(arm["per_seed"]))
+        for run in arm["per_seed"]:
+            assert run["tokens"] == 256 and [p["tokens"] for p in run["curve"]] == [128, 256]
+            assert run["curve"][-1]["val_loss"] == run["val_loss"]
+    assert results["arms"]["random"]["gap_closed_loss"] == 0.0
+    # the kd arm read the shared cache, which holds exactly the blocks the runs read
+    assert results["teacher_cache"]["blocks"] <= 4 * 4
+    report = (out / "report.md").read_text()
+    for name in results["arms"]:
+        assert f"`{name}`" in report
+    assert f"{results['teacher']['val_loss']:.3f}" in report
+
+
+def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
+    out, config_file, _ = study
+    finished = run_dir(out, "random", 0) / "summary.json"
+    before = (finished.stat().st_mtime_ns, json.loads((out / "results.json").read_text()))
+    interrupted = run_dir(out, "guide+kd", 1)
+    shutil.rmtree(interrupted / "final")
+    (interrupted / "summary.json").unlink()  # stopped after its last checkpoint, before the summary
+    shutil.rmtree(run_dir(out, "guide-random-projection", 0))  # never started
+    (out / "results.json").unlink()
+
+    args = ["study", "--config", str(config_file), "--out", str(out), "--no-progress"]
+    assert main(args) == 2  # without --resume an existing study is refused
+    assert main([*args, "--resume"]) == 0
+    assert finished.stat().st_mtime_ns == before[0]
+    after = json.loads((out / "results.json").read_text())
+    for name in before[1]["arms"]:
+        for old, new in zip(before[1]["arms"][name]["per_seed"], after["arms"][name]["per_seed"]):
+            assert new["val_loss"] == old["val_loss"], name  # the rerun from scratch is deterministic too
+
+
+def test_resume_refuses_a_changed_study(study):
+    out, config_file, _ = study
+    with pytest.raises(LmdistillError, match="different train_tokens"):
+        from lmdistill.study import run_study
+
+        run_study(
+            StudyConfig(**{**load_yaml(config_file, StudyConfig), "train_tokens": 512, "out": str(out)}, resume=True)
+        )
+
+
+def fake_run(out: Path, arm: str, seed: int, loss: float) -> None:
+    run = run_dir(out, arm, seed)
+    run.mkdir(parents=True)
+    record = {"step": 2, "tokens": 100, "val_loss": loss, "val_ppl": math.exp(loss)}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    summary = {"tokens": 100, "seconds": 1.0, "tokens_per_s": 100.0, "val_loss": loss, "val_ppl": math.exp(loss)}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_path):
+    config = StudyConfig(
+        out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], ablations=["guide-centered"], ablation_seeds=[2]
+    )
+    losses = {("random", 0): 5.0, ("random", 1): 6.0, ("guide", 0): 4.0, ("guide", 1): 5.0, ("guide-centered", 2): 4.75}
+    for (arm, seed), loss in losses.items():
+        fake_run(tmp_path, arm, seed, loss)
+    students = {
+        student_dir(tmp_path, STUDY_ARMS[arm], seed): {"step0_val_loss": 9.0, "explained_variance": None, "student": {}}
+        for arm, seed in losses
+    }
+    teacher = {"val_loss": 3.0, "val_ppl": math.exp(3.0)}
+    arms = collect_results(config, tmp_path, teacher, students)["arms"]
+    # guide: seed 0 closes (5 - 4) / (5 - 3) = 1/2, seed 1 closes (6 - 5) / (6 - 3) = 1/3
+    assert [r["gap_closed_loss"] for r in arms["guide"]["per_seed"]] == pytest.approx([0.5, 1 / 3])
+    assert arms["guide"]["gap_closed_loss"] == pytest.approx(5 / 12)
+    assert arms["guide"]["gap_closed_loss_std"] == pytest.approx(math.sqrt(2) * (0.5 - 5 / 12))
+    # seed 2 has no random run: the mean random loss 5.5 is the base, (5.5 - 4.75) / (5.5 - 3) = 0.3
+    assert arms["guide-centered"]["gap_closed_loss"] == pytest.approx(0.3)
+    assert arms["guide-centered"]["gap_closed_loss_std"] is None
+    e = math.exp
+    assert arms["guide"]["per_seed"][0]["gap_closed_ppl"] == pytest.approx((e(5) - e(4)) / (e(5) - e(3)))
+    assert arms["random"]["gap_closed_loss"] == 0.0 and arms["random"]["gap_closed_loss_std"] == 0.0
+
+
+def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():
+    assert StudyConfig(**load_yaml(ROOT / "configs" / "demo.yaml", StudyConfig)) == DemoConfig().study_config()
+    study = StudyConfig(**load_yaml(ROOT / "configs" / "study-smollm2.yaml", StudyConfig))
+    assert study.seeds == [0, 1, 2] and len(study.arms) == 5 and len(study.ablations) == 4
+    assert study.max_steps * study.batch_size * study.seq_len >= 300_000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arms": ["guide", "gide"]}, "unknown arms \\['gide'\\]"),
+        ({"ablations": ["guide"]}, "once in --arms and --ablations"),
+        ({"seeds": [0, 0]}, "distinct non-negative seeds"),
+        ({"eval_points": 50, "train_tokens": 1024}, "exceeds the 1 optimizer steps"),
+        ({"kd_weight": 1.5}, "--kd-weight must be in"),
+    ],
+)
+def test_invalid_study_configs_are_refused_with_the_option_named(overrides, message):
+    with pytest.raises(LmdistillError, match=message):
+        StudyConfig(out="x", **overrides)
