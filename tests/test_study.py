@@ -121,6 +121,10 @@ def fake_run(out: Path, arm: str, seed: int, loss: float) -> None:
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     summary = {"tokens": 100, "seconds": 1.0, "tokens_per_s": 100.0, "val_loss": loss, "val_ppl": math.exp(loss)}
     (run / "summary.json").write_text(json.dumps(summary))
+    student = student_dir(out, STUDY_ARMS[arm], seed)
+    student.mkdir(parents=True, exist_ok=True)
+    report = {"step0_val_loss": 9.0, "explained_variance": None, "student": {}}
+    (student / "init_report.json").write_text(json.dumps(report))
 
 
 def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_path):
@@ -130,12 +134,8 @@ def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_p
     losses = {("random", 0): 5.0, ("random", 1): 6.0, ("guide", 0): 4.0, ("guide", 1): 5.0, ("guide-centered", 2): 4.75}
     for (arm, seed), loss in losses.items():
         fake_run(tmp_path, arm, seed, loss)
-    students = {
-        student_dir(tmp_path, STUDY_ARMS[arm], seed): {"step0_val_loss": 9.0, "explained_variance": None, "student": {}}
-        for arm, seed in losses
-    }
-    teacher = {"val_loss": 3.0, "val_ppl": math.exp(3.0)}
-    arms = collect_results(config, tmp_path, teacher, students)["arms"]
+    (tmp_path / "teacher.json").write_text(json.dumps({"val_loss": 3.0, "val_ppl": math.exp(3.0)}))
+    arms = collect_results(config, tmp_path)["arms"]
     # guide: seed 0 closes (5 - 4) / (5 - 3) = 1/2, seed 1 closes (6 - 5) / (6 - 3) = 1/3
     assert [r["gap_closed_loss"] for r in arms["guide"]["per_seed"]] == pytest.approx([0.5, 1 / 3])
     assert arms["guide"]["gap_closed_loss"] == pytest.approx(5 / 12)
@@ -146,6 +146,20 @@ def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_p
     e = math.exp
     assert arms["guide"]["per_seed"][0]["gap_closed_ppl"] == pytest.approx((e(5) - e(4)) / (e(5) - e(3)))
     assert arms["random"]["gap_closed_loss"] == 0.0 and arms["random"]["gap_closed_loss_std"] == 0.0
+
+
+def test_report_only_reports_the_finished_runs_of_an_unfinished_study(tmp_path):
+    config = StudyConfig(out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], report_only=True)
+    (tmp_path / "teacher.json").write_text(json.dumps({"val_loss": 3.0, "val_ppl": math.exp(3.0)}))
+    with pytest.raises(LmdistillError, match="no run of the study"):
+        collect_results(config, tmp_path, partial=True)
+    fake_run(tmp_path, "random", 0, 5.0)
+    fake_run(tmp_path, "guide", 0, 4.0)
+    with pytest.raises(LmdistillError, match="has not finished"):
+        collect_results(config, tmp_path)
+    results = collect_results(config, tmp_path, partial=True)
+    assert (results["runs_finished"], results["runs_planned"]) == (2, 4)
+    assert [r["seed"] for r in results["arms"]["guide"]["per_seed"]] == [0]
 
 
 def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():

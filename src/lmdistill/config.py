@@ -350,6 +350,10 @@ class StudyConfig:
     eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per evaluation, the same for all"})
     precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted study; finished runs are kept"})
+    report_only: bool = field(
+        default=False,
+        metadata={"help": "write results, report and plots from the runs finished so far, without training"},
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -384,10 +388,13 @@ class StudyConfig:
         return -(-self.train_tokens // (self.batch_size * max(self.seq_len, 1)))
 
     def runs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed) of the study, main arms first."""
-        return [(a, s) for a in self.arms for s in self.seeds] + [
-            (a, s) for a in self.ablations for s in self.ablation_seeds
-        ]
+        """Every (arm, seed) of the study, seed by seed (main arms, then ablations), so that an interrupted study
+        already holds whole comparisons at its first seeds."""
+        order = []
+        for seed in dict.fromkeys(self.seeds + self.ablation_seeds):
+            order += [(arm, seed) for arm in self.arms if seed in self.seeds]
+            order += [(arm, seed) for arm in self.ablations if seed in self.ablation_seeds]
+        return order
 
     def init_config(self, arm: StudyArm, seed: int, out: str) -> InitConfig:
         """The `lmdistill init` settings of an arm's student."""

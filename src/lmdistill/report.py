@@ -96,6 +96,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "perplexity form. Spreads are standard deviations over seeds (none with one seed). Ran on "
         f"{device}, torch {env['torch']}, lmdistill {env['lmdistill']} (commit {commit})."
     )
+    if results["runs_finished"] < results["runs_planned"]:
+        setup_text += (
+            f"\n\n**Partial results:** {results['runs_finished']} of the {results['runs_planned']} planned runs have "
+            "finished; each arm shows the seeds finished so far."
+        )
     title = f"{teacher['name']} → {student['parameters'] / 1e6:.1f}M student"
     text = "\n\n".join(
         [

@@ -38,6 +38,7 @@ from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
 from lmdistill.report import write_plots, write_report
 from lmdistill.teacher_cache import write_cache
+from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,12 @@ def _check_resumable(config: StudyConfig, out: Path) -> None:
     if not config.resume:
         raise LmdistillError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
     previous = load_yaml(saved, StudyConfig)
-    current = {k: v for k, v in vars(config).items() if k not in ("resume", "progress", "out")}
-    changed = sorted(k for k, v in current.items() if previous.get(k) != v and k not in ("arms", "ablations", "seeds"))
+    current = {k: v for k, v in vars(config).items() if k not in ("resume", "report_only", "progress", "out")}
+    changed = sorted(
+        k
+        for k, v in current.items()
+        if previous.get(k) != v and k not in ("arms", "ablations", "seeds", "ablation_seeds")
+    )
     if changed:
         raise LmdistillError(
             f"--resume: the study in {out} was run with different {', '.join(changed)}; its runs would not be "
@@ -87,25 +92,18 @@ def _measure_teacher(config: StudyConfig, out: Path, teacher: Any, val_blocks: n
     return result
 
 
-def _prepare_students(config: StudyConfig, out: Path, val_blocks: np.ndarray) -> dict[Path, dict[str, Any]]:
-    """Initialize every distinct student once; return each one's init report with its step-0 held-out loss."""
-    reports = {}
-    for arm_name, seed in config.runs():
-        arm = STUDY_ARMS[arm_name]
-        path = student_dir(out, arm, seed)
-        if path in reports:
-            continue
+def _prepare_students(config: StudyConfig, out: Path, val_blocks: np.ndarray) -> None:
+    """Initialize every distinct student once and add its step-0 loss on the study's held-out blocks to its report."""
+    for path, (arm_name, seed) in {student_dir(out, STUDY_ARMS[a], s): (a, s) for a, s in config.runs()}.items():
         if not (path / "init_report.json").is_file():
-            run_init(config.init_config(arm, seed, str(path)))
+            run_init(config.init_config(STUDY_ARMS[arm_name], seed, str(path)))
         report = json.loads((path / "init_report.json").read_text())
-        if "step0_val_loss" not in report:  # on the study's own held-out blocks, beside init's built-in sample
+        if "step0_val_loss" not in report:
             student, _, _ = load_hf_directory(path, torch.float32)
             report["step0_val_loss"] = heldout_loss(
                 student, val_blocks, batch_size=config.batch_size, precision=config.precision
             )
             (path / "init_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        reports[path] = report
-    return reports
 
 
 def _build_teacher_cache(config: StudyConfig, out: Path, teacher: Any, data: Any) -> Path | None:
@@ -145,21 +143,30 @@ def _spread(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def collect_results(
-    config: StudyConfig, out: Path, teacher: dict[str, Any], students: dict[Path, dict[str, Any]]
-) -> dict[str, Any]:
-    """Gather every finished run into the results: per arm and seed, then means and spreads over seeds.
+def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
+    """Gather the finished runs into the results: per arm and seed, then means and spreads over seeds.
 
     The gap closed of a run is measured against the `random` run of the same seed when there is one (the pairing
     removes the data-independent part of the seed-to-seed noise), else against the mean of the `random` runs.
+
+    Args:
+        config: the study's config.
+        out: the study directory.
+        partial: skip unfinished runs instead of refusing them.
     """
+    teacher_file = out / "teacher.json"
+    if not teacher_file.is_file():
+        raise LmdistillError(f"{out} holds no study results yet (no teacher.json)")
+    teacher = json.loads(teacher_file.read_text())
     per_run: dict[str, list[dict[str, Any]]] = {}
     for arm_name, seed in config.runs():
         run = run_dir(out, arm_name, seed)
         summary = _finished(run)
         if summary is None:
+            if partial:
+                continue
             raise LmdistillError(f"run {run} has not finished")
-        student = students[student_dir(out, STUDY_ARMS[arm_name], seed)]
+        student = json.loads((student_dir(out, STUDY_ARMS[arm_name], seed) / "init_report.json").read_text())
         per_run.setdefault(arm_name, []).append(
             {
                 "seed": seed,
@@ -173,6 +180,8 @@ def collect_results(
                 "curve": _curve(run),
             }
         )
+    if not per_run:
+        raise LmdistillError(f"no run of the study in {out} has finished yet")
     base = {r["seed"]: r for r in per_run.get("random", [])}
     arms: dict[str, Any] = {}
     for arm_name, runs in per_run.items():
@@ -190,18 +199,38 @@ def collect_results(
             summary[f"{key}_std"] = None if None in values else _spread(values)
         summary.update(seeds=[r["seed"] for r in runs], tokens=runs[0]["tokens"], per_seed=runs)
         arms[arm_name] = summary
-    return {
+    first_student = student_dir(out, STUDY_ARMS[next(iter(per_run))], per_run[next(iter(per_run))][0]["seed"])
+    results = {
         "teacher": teacher,
-        "student": next(iter(students.values()))["student"],
+        "student": json.loads((first_student / "init_report.json").read_text())["student"],
         "arms": arms,
         "setup": {
             "train_tokens_per_run": config.max_steps * config.batch_size * config.seq_len,
             "max_steps": config.max_steps,
             "eval_tokens": config.eval_tokens // config.seq_len * config.seq_len,
         },
+        "runs_finished": sum(len(runs) for runs in per_run.values()),
+        "runs_planned": len(config.runs()),
         "config": vars(config),
         "environment": environment(),
     }
+    cache = out / "teacher-cache"
+    if (cache / "build.json").is_file():
+        results["teacher_cache"] = {
+            "blocks": json.loads((cache / "manifest.json").read_text())["num_blocks"],
+            "seconds": json.loads((cache / "build.json").read_text())["seconds"],
+        }
+    return results
+
+
+def write_results(config: StudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
+    """Collect the results and write results.json, report.md, curves.png and gap.png; return the results."""
+    results = collect_results(config, out, partial=partial)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out / "report.md")
+    write_plots(results, out)
+    results["written_to"] = str(out)
+    return results
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
@@ -214,6 +243,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         The results (as in `results.json`), plus `written_to`: the study directory.
     """
     out = Path(config.out)
+    if config.report_only:
+        return write_results(config, out, partial=True)
     _check_resumable(config, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.yaml").write_text(to_yaml(config))
@@ -222,17 +253,16 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     teacher = load_teacher(config.teacher)
     data = prepare_data(config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction)
     val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]  # the blocks `lmdistill train` evaluates on
-    teacher_result = _measure_teacher(config, out, teacher, val_blocks)
+    _measure_teacher(config, out, teacher, val_blocks)
     cache = _build_teacher_cache(config, out, teacher, data)
     del teacher
-    students = _prepare_students(config, out, val_blocks)
+    _prepare_students(config, out, val_blocks)
 
     runs = config.runs()
-    tokens_per_run = config.max_steps * config.batch_size * config.seq_len
-    done = [(arm, seed) for arm, seed in runs if _finished(run_dir(out, arm, seed))]
+    step_tokens = config.batch_size * config.seq_len
     overall = tqdm(
-        total=len(runs) * tokens_per_run,
-        initial=len(done) * tokens_per_run,
+        total=len(runs) * config.max_steps * step_tokens,
+        initial=sum(_steps_done(run_dir(out, arm, seed), config.max_steps) for arm, seed in runs) * step_tokens,
         unit="tok",
         unit_scale=True,
         desc="study",
@@ -241,29 +271,24 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     )
     for i, (arm_name, seed) in enumerate(runs, start=1):
         run = run_dir(out, arm_name, seed)
-        if (arm_name, seed) in done:
+        if _finished(run):
             continue
         overall.set_description(f"study: run {i}/{len(runs)} {arm_name} seed {seed}")
         arm = STUDY_ARMS[arm_name]
-        resume = (run / "checkpoints" / "latest").is_file()
         train_config = config.train_config(
             arm,
             student=str(student_dir(out, arm, seed)),
             out=str(run),
             teacher_cache=str(cache) if cache else None,
-            resume=resume,
+            resume=latest_checkpoint(run / "checkpoints") is not None,
         )
-        run_train(train_config, on_step=lambda record: overall.update(config.batch_size * config.seq_len))
+        run_train(train_config, on_step=lambda record: overall.update(step_tokens))
     overall.close()
+    return write_results(config, out)
 
-    results = collect_results(config, out, teacher_result, students)
-    if cache is not None:
-        results["teacher_cache"] = {
-            "blocks": json.loads((cache / "manifest.json").read_text())["num_blocks"],
-            "seconds": json.loads((cache / "build.json").read_text())["seconds"],
-        }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(results, out / "report.md")
-    write_plots(results, out)
-    results["written_to"] = str(out)
-    return results
+
+def _steps_done(run: Path, max_steps: int) -> int:
+    if _finished(run):
+        return max_steps
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    return json.loads((checkpoint / "meta.json").read_text())["step"] if checkpoint else 0
