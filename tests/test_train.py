@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_teacher
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from lmdistill import evaluate
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
-from lmdistill.train import loop
+from lmdistill.train import checkpoint, loop
 from lmdistill.train.loop import run_train
 
 WORDS = "the a of and to in is was it that for on with as by at from this be are".split()
@@ -123,7 +126,7 @@ def test_gradient_accumulation_does_not_change_the_update(workspace):
 def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace, monkeypatch):
     run_train(config(workspace, "straight", max_steps=6, save_every=3))
     calls = {"n": 0}
-    real = loop.chunked_distill_loss
+    real = evaluate.chunked_distill_loss
 
     def crash_in_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -131,10 +134,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "chunked_distill_loss", crash_in_step_5)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", crash_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         run_train(config(workspace, "crashed", max_steps=6, save_every=3))
-    monkeypatch.setattr(loop, "chunked_distill_loss", real)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", real)
     assert (workspace / "crashed" / "checkpoints" / "latest").read_text().strip() == "step-000003"
     run_train(config(workspace, "crashed", max_steps=6, save_every=3, resume=True))
     a, b = weights(workspace / "straight" / "final"), weights(workspace / "crashed" / "final")
@@ -144,8 +147,30 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
     assert steps == sorted(steps) and steps[-1] == 6
 
 
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(workspace):
+    straight = workspace / "straight"
+    if not (straight / "final").exists():
+        run_train(config(workspace, "straight", max_steps=6, save_every=3))
+    checkpoints = workspace / "by-position" / "checkpoints"
+    shutil.copytree(straight / "checkpoints" / "step-000003", checkpoints / "step-000003")
+    (checkpoints / "latest").write_text("step-000003\n")
+    # Rewrite the optimizer state as checkpoints before --fsdp held it: `optimizer.state_dict()`, keyed by position.
+    student = AutoModelForCausalLM.from_pretrained(checkpoints / "step-000003")
+    optimizer = loop._optimizer(student, config(workspace, "by-position"))
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # adds the `initial_lr` the saved state holds
+    state = checkpoint.load_training_state(checkpoints / "step-000003")
+    checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
+    state["optimizer"] = optimizer.state_dict()
+    assert all(isinstance(key, int) for key in state["optimizer"]["state"])
+    torch.save(state, checkpoints / "step-000003" / "training_state.pt")
+    run_train(config(workspace, "by-position", max_steps=6, save_every=3, resume=True))
+    a, b = weights(straight / "final"), weights(workspace / "by-position" / "final")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
-    real = loop.chunked_distill_loss
+    real = evaluate.chunked_distill_loss
     calls = {"n": 0}
 
     def nan_at_step_3(*args, **kwargs):
@@ -153,7 +178,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
         total, ce, kd = real(*args, **kwargs)
         return (total * float("nan"), ce, kd) if calls["n"] == 3 else (total, ce, kd)
 
-    monkeypatch.setattr(loop, "chunked_distill_loss", nan_at_step_3)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", nan_at_step_3)
     with pytest.raises(LmdistillError, match=r"loss became nan at step 3.*step-000002"):
         run_train(config(workspace, "nan", max_steps=4, save_every=2))
     checkpoints = workspace / "nan" / "checkpoints"
@@ -247,51 +272,81 @@ def test_train_cli_writes_every_artifact(workspace, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 5
 
 
-def test_two_processes_match_one_with_the_same_global_batch(workspace):
-    single = config(workspace, "ddp-1", batch_size=4, max_steps=3)
-    run_train(single)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29731",
-        "-m",
-        "lmdistill.cli",
-        "train",
-        "--student",
-        str(workspace / "student"),
-        "--data",
-        str(workspace / "corpus"),
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "3",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "1",
-        "--precision",
-        "fp32",
-        "--eval-tokens",
-        "64",
-        "--val-fraction",
-        "0.2",
-        "--no-progress",
-        "--out",
-        str(workspace / "ddp-2"),
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+def torchrun(ws: Path, out: str, *flags: str, student: str = "student") -> None:
+    """`lmdistill train` in 2 gloo processes with the settings of `config`, but 2 sequences per process."""
+    args = ["--student", ws / student, "--data", ws / "corpus", "--seq-len", 16, "--batch-size", 2, "--lr", 3e-3,
+            "--warmup-steps", 1, "--precision", "fp32", "--eval-tokens", 64, "--val-fraction", 0.2, "--no-progress",
+            "--out", ws / out, *flags]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "lmdistill.cli", "train", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def metrics(run: Path) -> list[dict]:
+    """The run's records, timing aside."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in r.items() if key != "tokens_per_s"} for r in records]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(workspace):
+    run_train(config(workspace, "ddp-1", batch_size=4, max_steps=3))
+    torchrun(workspace, "ddp-2", "--max-steps", "3")
     a, b = weights(workspace / "ddp-1" / "final"), weights(workspace / "ddp-2" / "final")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(workspace):
+    """A student with tied embeddings trained 4 steps (checkpoints at 2 and 4) in one process and by 2 FSDP ones."""
+    save_tiny_teacher(workspace / "student-tied", tie_word_embeddings=True)
+    # 5 held-out blocks: 3 batches in 1 process, 2 and 1 in 2 processes, so one of them makes an uncounted pass.
+    settings = {"max_steps": 4, "save_every": 2, "eval_every": 2, "log_every": 1, "eval_tokens": 80}
+    run_train(config(workspace, "fsdp-1", student=str(workspace / "student-tied"), **settings))
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    torchrun(workspace, "fsdp-2", "--fsdp", *flags, student="student-tied")
+    return workspace, flags
+
+
+def test_fsdp_two_processes_match_one_and_write_whole_weights(fsdp_runs):
+    ws, _ = fsdp_runs
+    # The reduce-scatter sums two half-batch gradients where one process sums the batch: float32 rounding apart,
+    # amplified by Adam's normalization of small early moments, as in the DDP test.
+    for a, b in zip(metrics(ws / "fsdp-1"), metrics(ws / "fsdp-2"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    for saved in ("checkpoints/step-000002", "final"):
+        a, b = weights(ws / "fsdp-1" / saved), weights(ws / "fsdp-2" / saved)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    files = [set(safe_open(ws / run / "final" / "model.safetensors", "pt").keys()) for run in ("fsdp-1", "fsdp-2")]
+    assert files[0] == files[1] and "lm_head.weight" not in files[1]  # the tied head is written once
+    student = AutoModelForCausalLM.from_pretrained(ws / "fsdp-2" / "final")
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+def test_fsdp_resume_continues_to_the_uninterrupted_result_bit_for_bit(fsdp_runs):
+    ws, flags = fsdp_runs
+    run = ws / "fsdp-resumed"
+    shutil.copytree(ws / "fsdp-2", run)
+    # A crash after the step-2 checkpoint: nothing written later survives.
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    torchrun(ws, "fsdp-resumed", "--fsdp", "--resume", *flags, student="student-tied")
+    a, b = weights(ws / "fsdp-2" / "final"), weights(run / "final")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert metrics(run) == metrics(ws / "fsdp-2")
+
+
+def test_fsdp_needs_several_processes(workspace):
+    with pytest.raises(LmdistillError, match="--fsdp shards the student over processes: launch with torchrun"):
+        run_train(config(workspace, "fsdp-alone", fsdp=True))
 
 
 def test_gap_closed_matches_hand_computed_values():
