@@ -22,7 +22,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from lmdistill.errors import LmdistillError
@@ -71,15 +70,19 @@ def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Restore a `gathered_optimizer_state` into the optimizer of `model`, sharded or not; every process calls it.
 
-    Checkpoints written before `--fsdp` existed key the state by position (`optimizer.state_dict()`): those load
-    into an unsharded model only.
+    Checkpoints written before `--fsdp` existed hold `optimizer.state_dict()`, keyed by position in the optimizer's
+    parameter order: those keys are mapped to parameter names first.
     """
     if all(isinstance(key, int) for key in state["state"]):
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            raise LmdistillError("this checkpoint predates --fsdp (optimizer state by position): resume without --fsdp")
-        optimizer.load_state_dict(state)
-    else:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        names = {id(param): name for name, param in model.named_parameters()}
+        order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        state = {
+            "state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [
+                {**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]
+            ],
+        }
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(
