@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_teacher, write_corpus
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from lmdistill import evaluate
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
-from lmdistill.train import loop
+from lmdistill.train import checkpoint, loop
 from lmdistill.train.loop import run_train
 
 
@@ -116,7 +120,7 @@ def test_gradient_accumulation_does_not_change_the_update(workspace):
 def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace, monkeypatch):
     run_train(config(workspace, "straight", max_steps=6, save_every=3))
     calls = {"n": 0}
-    real = loop.chunked_distill_loss
+    real = evaluate.chunked_distill_loss
 
     def crash_in_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -124,10 +128,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "chunked_distill_loss", crash_in_step_5)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", crash_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         run_train(config(workspace, "crashed", max_steps=6, save_every=3))
-    monkeypatch.setattr(loop, "chunked_distill_loss", real)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", real)
     assert (workspace / "crashed" / "checkpoints" / "latest").read_text().strip() == "step-000003"
     run_train(config(workspace, "crashed", max_steps=6, save_every=3, resume=True))
     a, b = weights(workspace / "straight" / "final"), weights(workspace / "crashed" / "final")
@@ -137,8 +141,30 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
     assert steps == sorted(steps) and steps[-1] == 6
 
 
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(workspace):
+    straight = workspace / "straight"
+    if not (straight / "final").exists():
+        run_train(config(workspace, "straight", max_steps=6, save_every=3))
+    checkpoints = workspace / "by-position" / "checkpoints"
+    shutil.copytree(straight / "checkpoints" / "step-000003", checkpoints / "step-000003")
+    (checkpoints / "latest").write_text("step-000003\n")
+    # Rewrite the optimizer state as checkpoints before --fsdp held it: `optimizer.state_dict()`, keyed by position.
+    student = AutoModelForCausalLM.from_pretrained(checkpoints / "step-000003")
+    optimizer = loop._optimizer(student, config(workspace, "by-position"))
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # adds the `initial_lr` the saved state holds
+    state = checkpoint.load_training_state(checkpoints / "step-000003")
+    checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
+    state["optimizer"] = optimizer.state_dict()
+    assert all(isinstance(key, int) for key in state["optimizer"]["state"])
+    torch.save(state, checkpoints / "step-000003" / "training_state.pt")
+    run_train(config(workspace, "by-position", max_steps=6, save_every=3, resume=True))
+    a, b = weights(straight / "final"), weights(workspace / "by-position" / "final")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
-    real = loop.chunked_distill_loss
+    real = evaluate.chunked_distill_loss
     calls = {"n": 0}
 
     def nan_at_step_3(*args, **kwargs):
@@ -146,7 +172,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
         total, ce, kd = real(*args, **kwargs)
         return (total * float("nan"), ce, kd) if calls["n"] == 3 else (total, ce, kd)
 
-    monkeypatch.setattr(loop, "chunked_distill_loss", nan_at_step_3)
+    monkeypatch.setattr(evaluate, "chunked_distill_loss", nan_at_step_3)
     with pytest.raises(LmdistillError, match=r"loss became nan at step 3.*step-000002"):
         run_train(config(workspace, "nan", max_steps=4, save_every=2))
     checkpoints = workspace / "nan" / "checkpoints"
@@ -254,51 +280,115 @@ def test_train_cli_writes_every_artifact(workspace, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 5
 
 
+def torchrun(ws: Path, out: str, *flags: str) -> None:
+    """`lmdistill train` in 2 gloo processes with the settings of `config` but the batch size; `flags` override."""
+    args = ["--student", ws / "student", "--data", ws / "corpus", "--seq-len", 16, "--lr", 3e-3,
+            "--warmup-steps", 1, "--precision", "fp32", "--eval-tokens", 64, "--val-fraction", 0.2, "--no-progress",
+            "--out", ws / out, *flags]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "lmdistill.cli", "train", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as done:
+        try:
+            _, stderr = done.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)  # the workers too (a hung collective), not only torchrun
+            raise
+    assert done.returncode == 0, stderr[-3000:]
+
+
+def metrics(run: Path) -> list[dict]:
+    """The run's records, timing aside."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in r.items() if key != "tokens_per_s"} for r in records]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """The weights saved in `a` and `b` equal up to float32 rounding: each tensor's relative error in norm < 1e-5.
+
+    Not elementwise: two runs that split the batch differently sum the gradients in another order, and Adam's
+    update of an element whose gradient is near 0 (|g| <~ eps = 1e-8) is about lr * g / eps, which turns a rounding
+    difference of g into one up to lr / eps = 3e5 times larger (in the FSDP test one element of 30944 differs by
+    4.5e-6, the others by at most 2e-7).
+    """
+    a_weights, b_weights = weights(a), weights(b)
+    assert a_weights.keys() == b_weights.keys()
+    for name, value in a_weights.items():
+        assert torch.linalg.norm(b_weights[name] - value) <= 1e-5 * torch.linalg.norm(value), name
+
+
 def test_two_processes_match_one_with_the_same_global_batch(workspace):
-    single = config(workspace, "ddp-1", batch_size=4, max_steps=3)
-    run_train(single)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29731",
-        "-m",
-        "lmdistill.cli",
-        "train",
-        "--student",
-        str(workspace / "student"),
-        "--data",
-        str(workspace / "corpus"),
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "3",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "1",
-        "--precision",
-        "fp32",
-        "--eval-tokens",
-        "64",
-        "--val-fraction",
-        "0.2",
-        "--no-progress",
-        "--out",
-        str(workspace / "ddp-2"),
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_train(config(workspace, "ddp-1", batch_size=4, max_steps=3))
+    torchrun(workspace, "ddp-2", "--batch-size", "2", "--max-steps", "3")
     a, b = weights(workspace / "ddp-1" / "final"), weights(workspace / "ddp-2" / "final")
-    for name in a:
+    for name in a:  # element-wise holds here (largest difference 1.2e-7); see `assert_same_training` for the KD run
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def fsdp_settings(ws: Path, **overrides) -> dict:
+    """The runs of `fsdp_runs`: 4 steps of CE + KD (online teacher), checkpoints at 2 and 4, evaluations on 5 blocks
+    (with 2 processes and batch 1, one evaluates 3 batches, the other 2 and a pass that is not counted)."""
+    settings = dict(student=str(ws / "student-tied"), loss="ce+kd", teacher=str(ws / "teacher"), max_steps=4,
+                    save_every=2, eval_every=2, log_every=1, eval_tokens=80)  # fmt: skip
+    return {**settings, **overrides}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(workspace):
+    """A student with tied embeddings trained in one process with batch 4 (`fsdp-1`), and by 2 FSDP processes with
+    2 micro-batches of 1 (`fsdp-2`); returns the workspace and the flags of the FSDP run."""
+    save_tiny_teacher(workspace / "student-tied", tie_word_embeddings=True)
+    run_train(config(workspace, "fsdp-1", **fsdp_settings(workspace, batch_size=4)))
+    settings = fsdp_settings(workspace, batch_size=1, grad_accum=2, fsdp=True)
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    torchrun(workspace, "fsdp-2", *flags)
+    return workspace, flags
+
+
+def test_fsdp_two_processes_match_one_and_write_whole_weights(fsdp_runs):
+    ws, _ = fsdp_runs
+    # 2 processes accumulate 2 micro-batches each and reduce-scatter the sums, where 1 process sums one batch.
+    for a, b in zip(metrics(ws / "fsdp-1"), metrics(ws / "fsdp-2"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    for saved in ("checkpoints/step-000002", "final"):
+        assert_same_training(ws / "fsdp-1" / saved, ws / "fsdp-2" / saved)
+    files = [set(safe_open(ws / run / "final" / "model.safetensors", "pt").keys()) for run in ("fsdp-1", "fsdp-2")]
+    assert files[0] == files[1] and "lm_head.weight" not in files[1]  # the tied head is written once
+    student = AutoModelForCausalLM.from_pretrained(ws / "fsdp-2" / "final")
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+def crashed_after_step_2(ws: Path, out: str) -> None:
+    """Copy the FSDP run as a crash after its step-2 checkpoint leaves it: nothing written later survives."""
+    run = ws / out
+    shutil.copytree(ws / "fsdp-2", run)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+
+
+def test_fsdp_resume_continues_to_the_uninterrupted_result_bit_for_bit(fsdp_runs):
+    ws, flags = fsdp_runs
+    crashed_after_step_2(ws, "fsdp-resumed")
+    torchrun(ws, "fsdp-resumed", *flags, "--resume")
+    a, b = weights(ws / "fsdp-2" / "final"), weights(ws / "fsdp-resumed" / "final")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert metrics(ws / "fsdp-resumed") == metrics(ws / "fsdp-2")
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(fsdp_runs):
+    ws, _ = fsdp_runs
+    crashed_after_step_2(ws, "fsdp-then-1")
+    run_train(config(ws, "fsdp-then-1", **fsdp_settings(ws, batch_size=4, resume=True)))
+    assert_same_training(ws / "fsdp-1" / "final", ws / "fsdp-then-1" / "final")
+
+
+def test_fsdp_needs_several_processes(workspace):
+    with pytest.raises(LmdistillError, match="--fsdp shards the student over processes: launch with torchrun"):
+        run_train(config(workspace, "fsdp-alone", fsdp=True))
 
 
 def test_gap_closed_matches_hand_computed_values():

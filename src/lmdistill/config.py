@@ -185,6 +185,13 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of data order and anything random"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "under torchrun: shard the student's weights, gradients and optimizer state over the processes "
+            "(FSDP2, per decoder layer) instead of replicating them (DDP)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
@@ -68,9 +69,28 @@ def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
+class LMLoss(nn.Module):
+    """A causal LM whose forward ends in `chunked_distill_loss` on its final hidden states and output head.
+
+    Whatever wraps it (DDP, FSDP) thus wraps every use of the parameters: under FSDP the output head is whole only
+    inside this forward.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, **loss_options: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, ce, kd) of `chunked_distill_loss` for ids [B, L] and labels [B, L], given its keyword options."""
+        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
+        return chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)
+
+
 @torch.no_grad()
 def heldout_loss(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LMLoss,
     blocks: np.ndarray | torch.Tensor,
     *,
     batch_size: int = 8,
@@ -82,10 +102,11 @@ def heldout_loss(
 
     Each block predicts its tokens 2..L from the ones before. Softmax in float32, computed in chunks so the full
     [B, L, V] logits are never materialized. Under `torchrun` each process takes every world-th batch and the sums
-    are reduced, so every process returns the same number.
+    are reduced, so every process returns the same number. Every process runs the same number of forward passes
+    (those of an FSDP-sharded model are collective): one past the last batch repeats it and is not counted.
 
     Args:
-        model: a causal LM (a Hugging Face `PreTrainedModel`).
+        model: a causal LM (a Hugging Face `PreTrainedModel`), or an `LMLoss` around one, possibly FSDP-sharded.
         blocks: token ids [N, L].
         batch_size: blocks per forward pass.
         precision: "fp32", "bf16" or "auto" (autocast of the forward pass, see `autocast`).
@@ -95,22 +116,24 @@ def heldout_loss(
     Returns:
         Cross-entropy per predicted token; its exponential is the perplexity.
     """
+    lm_loss = model if isinstance(model, LMLoss) else LMLoss(model)
     device = processes.device if processes else next(model.parameters()).device
     rank, world = (processes.rank, processes.world) if processes else (0, 1)
-    head = model.get_output_embeddings().weight  # [V, d]
-    was_training = model.training
-    model.eval()
+    starts = range(0, len(blocks), batch_size)
+    was_training = lm_loss.training
+    lm_loss.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    for start in range(rank * batch_size, len(blocks), world * batch_size):
+    for batch in range(rank, math.ceil(len(starts) / world) * world, world):
+        start = starts[min(batch, len(starts) - 1)]
         ids = torch.as_tensor(np.asarray(blocks[start : start + batch_size]), dtype=torch.long, device=device)
         labels = shifted_labels(ids)
-        count = int((labels != -100).sum())
         with autocast(device, precision):
-            hidden = model.base_model(input_ids=ids).last_hidden_state  # [B, L, d]
-            loss, _, _ = chunked_distill_loss(hidden, head, labels, chunk_size=chunk_size)
-        total += torch.tensor([loss.item() * count, count], dtype=torch.float64, device=device)
+            loss, _, _ = lm_loss(ids, labels, chunk_size=chunk_size)
+        if batch < len(starts):
+            count = int((labels != -100).sum())
+            total += torch.tensor([loss.item() * count, count], dtype=torch.float64, device=device)
     all_reduce_sum(total)
-    model.train(was_training)
+    lm_loss.train(was_training)
     return (total[0] / total[1]).item()
 
 

@@ -1,12 +1,18 @@
-"""Process-group setup for `torchrun`: DDP over gloo on CPU, nccl on GPU; a single process needs nothing."""
+"""Process-group setup for `torchrun` (gloo on CPU, nccl on GPU) and the wrapping of the trained module: DDP, or
+FSDP2 sharding with `--fsdp`; a single process needs nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,44 @@ def start() -> Processes:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Processes(rank=rank, world=world, device=device)
+
+
+def wrap(module: nn.Module, processes: Processes, shard: list[nn.Module] | None = None) -> nn.Module:
+    """Place `module` on this process's device and make its gradients those of the whole job.
+
+    Args:
+        module: what the training loop calls, on the CPU.
+        processes: the process group.
+        shard: with FSDP, the blocks to shard one by one, in `module.modules()` order (FSDP2 `fully_shard` each,
+            then the rest with `module` as the root, moved to the device shard by shard); None: DDP with several
+            processes, else nothing.
+
+    Returns:
+        The module to call: `module` itself (FSDP shards it in place, so its parameters become DTensors), or a DDP
+        wrapper around it.
+    """
+    if shard is not None:
+        for block in reversed(shard):  # a block nested in another one first
+            fully_shard(block)
+        return fully_shard(module)
+    module.to(processes.device)
+    return DistributedDataParallel(module) if processes.world > 1 else module
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward passes inside reduce gradients over processes only if `sync`; else they accumulate in this one.
+
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync` (which keeps unsharded gradients until the sync).
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif isinstance(model, DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,16 @@
 One loop for every mix: the student's final hidden states and output head go through `chunked_distill_loss`
 together with either the online teacher's hidden states and head, a cached top-k teacher distribution, or nothing
 (CE only). Every loss is normalized by the global count of predicted tokens of the optimizer step, so gradient
-accumulation and the number of processes do not change the update.
+accumulation and the number of processes do not change the update. The loss is part of the forward of the module
+that DDP wraps or FSDP shards (`LMLoss`), so one code path serves one process, DDP and FSDP.
 
 Launch: `lmdistill train --student runs/student-guide --teacher default --loss ce+kd --max-steps 200
 --batch-size 8 --seq-len 256 --out runs/train-guide` (multi-process: `torchrun --nproc-per-node 2 -m lmdistill.cli
-train ...`).
+train ... [--fsdp]`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,15 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from lmdistill.config import TrainConfig, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import autocast, heldout_loss, perplexity, shifted_labels
-from lmdistill.losses import chunked_distill_loss
+from lmdistill.evaluate import LMLoss, autocast, heldout_loss, perplexity, shifted_labels
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
 from lmdistill.storage import staged
@@ -42,15 +41,13 @@ from lmdistill.train import checkpoint, distributed
 log = logging.getLogger(__name__)
 
 
-class Trunk(nn.Module):
-    """The student up to its final norm, so DDP wraps exactly what the loop calls; the head is applied in the loss."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, d]
-        return self.lm.base_model(input_ids=input_ids).last_hidden_state
+def decoder_layers(lm: PreTrainedModel) -> list[nn.Module]:
+    """The blocks FSDP shards one by one: the modules of the classes named in the model's `_no_split_modules`."""
+    names = set(lm._no_split_modules or ())
+    layers = [module for module in lm.modules() if type(module).__name__ in names]
+    if not layers:
+        raise LmdistillError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules)")
+    return layers
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -107,6 +104,8 @@ def run_train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | N
         A summary: steps, tokens, seconds, tokens/s, final held-out loss and perplexity, output paths.
     """
     processes = distributed.start()
+    if config.fsdp and processes.world == 1:
+        raise LmdistillError("--fsdp shards the student over processes: launch with torchrun --nproc-per-node N")
     try:
         return _train(config, processes, on_step)
     finally:
@@ -123,7 +122,7 @@ def _train(
         raise LmdistillError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
 
     student, tokenizer, _ = load_hf_directory(Path(resume_from or config.student), torch.float32)
-    student.to(processes.device).train()
+    student.train()
     teacher = cache = None
     if config.teacher is not None and config.kd_share > 0:
         loaded = load_teacher(config.teacher)
@@ -154,17 +153,15 @@ def _train(
                 f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without --samples)"
             )
 
-    model = Trunk(student)
-    if processes.world > 1:
-        model = DistributedDataParallel(model)
-    head = student.get_output_embeddings().weight  # [V, d_S]
-    optimizer = _optimizer(student, config)
+    lm_loss = LMLoss(student)
+    model = distributed.wrap(lm_loss, processes, decoder_layers(student) if config.fsdp else None)
+    optimizer = _optimizer(student, config)  # after wrapping: FSDP replaces the parameters with sharded ones
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
 
     start_step, last_record = 0, {}
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"][processes.rank])
         start_step = state["step"]
@@ -191,7 +188,7 @@ def _train(
 
     def evaluate() -> float:
         return heldout_loss(
-            student,
+            lm_loss,
             val_blocks,
             batch_size=config.batch_size,
             precision=config.precision,
@@ -204,16 +201,18 @@ def _train(
         if processes.world > 1:
             states = [None] * processes.world
             torch.distributed.all_gather_object(states, checkpoint.rng_state())
+        weights = checkpoint.gathered_weights(student)
+        optimizer_state = checkpoint.gathered_optimizer_state(student, optimizer)
         if processes.main:
             training_state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": states,
                 "step": step,
                 "samples_seen": step * global_batch,
             }
             meta = {"step": step, "metrics": record, "config": vars(config)}
-            checkpoint.save_checkpoint(root, step, student, tokenizer, training_state, meta)
+            checkpoint.save_checkpoint(root, step, student, weights, tokenizer, training_state, meta)
         if processes.world > 1:
             torch.distributed.barrier()
 
@@ -224,6 +223,15 @@ def _train(
         dynamic_ncols=True,
         disable=not (processes.main and config.progress),
     )
+    loss_options = {
+        "kd_weight": config.kd_share,
+        "kind": config.kd_loss,
+        "temperature": config.temperature,
+        "beta": config.beta,
+        "alpha": config.alpha,
+        "num_items": num_items,
+        "chunk_size": config.chunk_size,
+    }
     started, tokens_this_run, record = time.perf_counter(), 0, last_record
     for step in range(start_step, config.max_steps):
         sums = torch.zeros(3, dtype=torch.float64, device=processes.device)  # total, ce, kd (already normalized)
@@ -242,24 +250,9 @@ def _train(
                     top_ids, top_logprobs = cache.lookup(indices)  # [B, L, K] each
                     teacher_inputs["teacher_ids"] = top_ids.to(processes.device)
                     teacher_inputs["teacher_logprobs"] = top_logprobs.to(processes.device)
-                last = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last or processes.world == 1 else model.no_sync()
-                with sync:
-                    hidden = model(ids)  # [B, L, d_S]
-                    total, ce, kd = chunked_distill_loss(
-                        hidden,
-                        head,
-                        labels,
-                        **teacher_inputs,
-                        kd_weight=config.kd_share,
-                        kind=config.kd_loss,
-                        temperature=config.temperature,
-                        beta=config.beta,
-                        alpha=config.alpha,
-                        num_items=num_items,
-                        chunk_size=config.chunk_size,
-                    )
-                    # DDP averages gradients over processes; the loss is already a share of the global sum.
+                with distributed.gradient_sync(model, micro == config.grad_accum - 1):
+                    total, ce, kd = model(ids, labels, **teacher_inputs, **loss_options)
+                    # DDP and FSDP average gradients over processes; the loss is already a share of the global sum.
                     (total * processes.world).backward()
             sums += torch.stack([total.detach(), ce.detach(), kd.detach()]).double()
         distributed.all_reduce_sum(sums)
@@ -305,10 +298,11 @@ def _train(
     summary: dict[str, Any] = {"steps": config.max_steps, "out": str(out)}
     summary.update({k: record[k] for k in ("tokens", "tokens_per_s", "val_loss", "val_ppl")})
     summary["seconds"] = time.perf_counter() - started
+    weights = checkpoint.gathered_weights(student)
     if processes.main:
         final = out / "final"
         with staged(final) as staging:
-            student.save_pretrained(staging)
+            student.save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
         summary["final"] = str(final)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
