@@ -471,6 +471,20 @@ def test_extract_resumes_appending_only_new_ids(teacher_dir, tmp_path, capsys):
         assert [s for _, s in a["words"]] == pytest.approx([s for _, s in b["words"]], rel=1e-5)
 
 
+def test_extract_on_generated_gsm_symbolic(teacher_dir, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    out = tmp_path / "gsm.jsonl"
+    args = ["rationales", "extract", "--teacher", teacher_dir, "--task", "gsm-symbolic", "--size", "6", "--limit", "3",
+            "--max-new-tokens", "2", "--out", out, "--progress", "false"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    examples = load_task("gsm-symbolic", "train", size=6, limit=3)
+    records = lines(out)
+    assert [r["id"] for r in records] == ["train-0", "train-1", "train-2"]
+    for record, example in zip(records, examples):
+        assert record["label"] == example.label and len(record["words"]) == 5
+        assert all(word in example.inputs["input"] for word in record["rationale"].split())
+
+
 def cli_error(capsys, *args) -> str:
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()

@@ -18,6 +18,7 @@ example's own words and never come from the template.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import operator
@@ -291,7 +292,7 @@ def load_task(
             raise LmdistillError(
                 f"{path.parent / 'llm'} holds {len(llm)} {split} rationales for {len(examples)} examples in {path}"
             )
-        examples = [_with(e, llm_rationale=r) for e, r in zip(examples, llm)]
+        examples = [dataclasses.replace(e, llm_rationale=r) for e, r in zip(examples, llm)]
     _check_unique_ids(examples, path)
     return examples if limit is None else examples[:limit]
 
@@ -319,10 +320,6 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, row
     if not found:
         raise LmdistillError(f"{path} holds no examples")
-
-
-def _with(example: Example, **changes: Any) -> Example:
-    return Example(**{**example.__dict__, **changes})
 
 
 def _check_unique_ids(examples: list[Example], path: Path) -> None:
