@@ -97,6 +97,10 @@ class TaskSpec:
     llm_marker: str | None = None
 
 
+class _LineError(Exception):
+    """A problem with one line; the loader adds the file and line number."""
+
+
 def _text(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if value is None:
@@ -126,10 +130,6 @@ def _chosen(label: str, choices: tuple[str, ...]) -> str:
     if label not in choices:
         raise _LineError(f"the label {label!r} is not one of the choices {list(choices)}")
     return label
-
-
-class _LineError(Exception):
-    """A problem with one line; the loader adds the file and line number."""
 
 
 def _parse_svamp(row: dict[str, Any], fallback_id: str) -> Example:
