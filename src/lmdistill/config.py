@@ -18,6 +18,7 @@ import yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.init.build import InitMethod
 from lmdistill.init.guide import PCAMode
+from lmdistill.rationales.tasks import GSM_TAKES_NO_DATA, JSONL_NEEDS_DATA, check_template, task_spec
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -459,3 +460,71 @@ class DemoConfig:
     def study_config(self) -> StudyConfig:
         """The demo's study: `StudyConfig`'s defaults with this output directory."""
         return StudyConfig(out=self.out, resume=self.resume, progress=self.progress)
+
+
+RationaleTask = Literal["svamp", "cqa", "anli1", "esnli", "gsm-symbolic", "jsonl"]
+AttributionMethod = Literal["saliency", "input-x-gradient", "integrated-gradients"]
+
+
+@dataclass
+class RationaleExtractConfig:
+    """`lmdistill rationales extract`: the teacher answers each example; the top-k input words of the gradient
+    attribution of its answer become the rationale, one JSON line per example (resumable)."""
+
+    teacher: str = field(default="default", metadata={"help": "teacher: HF directory, .gguf file or 'default'"})
+    task: RationaleTask = field(
+        default="gsm-symbolic",
+        metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
+    )
+    split: Literal["train", "test", "valid"] = field(
+        default="train", metadata={"help": "split of the shared data or of gsm-symbolic (anli1, esnli: valid)"}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}
+    )
+    out: str | None = field(default=None, metadata={"help": "output JSON-lines file (required); appended to"})
+    k: int = field(default=5, metadata={"help": "rationale words per example"})
+    method: AttributionMethod = field(default="saliency", metadata={"help": "attribution method"})
+    reduction: Literal["l1", "l2"] = field(
+        default="l1", metadata={"help": "norm of the attribution over the embedding dimension"}
+    )
+    order: Literal["score", "input"] = field(
+        default="score", metadata={"help": "order of the rationale words: by score, or as in the input"}
+    )
+    stop_words: bool = field(default=True, metadata={"help": "leave English stop words out of rationales"})
+    template: str | None = field(
+        default=None,
+        metadata={"help": "prompt template such as '{input}{choices}\\nAnswer:'; unset: the task's own (see README)"},
+    )
+    limit: int | None = field(default=None, metadata={"help": "process only the first N examples of the split"})
+    batch_size: int = field(default=8, metadata={"help": "examples per batch"})
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy answer length limit (tasks without choices)"})
+    choice_score: Literal["sum", "mean"] = field(
+        default="sum", metadata={"help": "choices compete by total or per-token log-probability"}
+    )
+    ig_steps: int = field(default=20, metadata={"help": "integration steps of integrated-gradients"})
+    size: int = field(default=1000, metadata={"help": "gsm-symbolic: examples generated per split"})
+    seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the train split (test: seed + 1,000,000)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.out is None:
+            raise LmdistillError("--out is required: the JSON-lines file to write the rationales to")
+        for name in ("k", "batch_size", "max_new_tokens", "ig_steps"):
+            if getattr(self, name) < 1:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise LmdistillError(f"--limit must be at least 1, got {self.limit}")
+        if not 1 <= self.size <= 1_000_000 or self.seed < 0:
+            raise LmdistillError("--size must be in [1, 1000000] and --seed non-negative")
+        check_template(self.prompt_template, self.task)
+        if self.task == "jsonl" and self.data is None:
+            raise LmdistillError(JSONL_NEEDS_DATA)
+        if self.task == "gsm-symbolic" and self.data is not None:
+            raise LmdistillError(GSM_TAKES_NO_DATA)
+
+    @property
+    def prompt_template(self) -> str:
+        """--template, else the task's default template."""
+        return self.template if self.template is not None else task_spec(self.task).template

@@ -1,0 +1,271 @@
+"""The teacher's answers and the gradient attribution of each answer over the prompt's token embeddings.
+
+Ballout et al. 2024 (arXiv 2409.12586): the attribution target is the log-probability of the teacher's own answer,
+log p(a | x) = Σ_j log p(a_j | x, a_<j); its gradient with respect to the input token embeddings e_t ∈ R^d is reduced
+over d to one score per token, ‖·‖₁ (default) or ‖·‖₂, of
+
+- ``saliency``: ∂ log p / ∂e_t (Simonyan et al. 2014);
+- ``input-x-gradient``: e_t ⊙ ∂ log p / ∂e_t;
+- ``integrated-gradients``: (e_t − 0) ⊙ ∫₀¹ ∂ log p / ∂e_t (α e) dα over the prompt tokens, the answer tokens held
+  fixed (Sundararajan et al. 2017; Gauss-Legendre quadrature).
+
+The three methods are Captum's ``Saliency``, ``InputXGradient`` and ``IntegratedGradients`` applied to the embedding
+output. Sequences are left-padded, the answer right-aligned, so that the output head runs only on the last
+``max answer length + 1`` positions (``logits_to_keep``); position ids follow the attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align token rows.
+
+    Args:
+        rows: B lists of token ids.
+        pad_id: id of the filler (masked out).
+
+    Returns:
+        ids int64 ``[B, T]`` and attention mask bool ``[B, T]``, T the longest row.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+def continuation_logprob(
+    model: PreTrainedModel,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
+    target_mask: torch.Tensor,
+) -> torch.Tensor:
+    """log p(continuation | prefix) per row, for right-aligned continuations.
+
+    Args:
+        model: a causal LM.
+        embeds: ``[B, T, d]`` input embeddings of prefix + continuation, left-padded.
+        attention_mask: bool ``[B, T]``.
+        targets: int64 ``[B, A]``, the last A token ids of each row.
+        target_mask: bool ``[B, A]``, True at continuation tokens (a row's continuation may be shorter than A).
+
+    Returns:
+        float32 ``[B]``: Σ over continuation tokens of log p(token | everything before it).
+    """
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]: 0 at each row's first real token
+    width = targets.shape[1]
+    logits = model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, logits_to_keep=width + 1
+    ).logits[:, :-1]  # [B, A, V]: position T-A-1+j predicts token T-A+j
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, A]
+    return torch.where(target_mask, logprobs, 0.0).sum(-1)
+
+
+def _layout(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids ``[B, T]``, attention mask ``[B, T]``, prompt mask ``[B, T]`` and answer mask ``[B, T]`` of the rows
+    prompt + answer, left-padded, on ``device``."""
+    ids, mask = pad_left([list(p) + list(a) for p, a in zip(prompts, answers)], pad_id)
+    width = ids.shape[1]
+    answer_mask = torch.zeros_like(mask)
+    for i, answer in enumerate(answers):
+        answer_mask[i, width - len(answer) :] = len(answer) > 0
+    return ids.to(device), mask.to(device), (mask & ~answer_mask).to(device), answer_mask.to(device)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """log p(continuation_i | prompt_i) for many pairs, in batches.
+
+    Args:
+        model: a causal LM.
+        prompts: N token-id lists.
+        continuations: N non-empty token-id lists.
+        batch_size: pairs per forward pass.
+        pad_id: filler id.
+
+    Returns:
+        float32 ``[N]``.
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        p, c = prompts[start : start + batch_size], continuations[start : start + batch_size]
+        ids, mask, _, answer_mask = _layout(p, c, pad_id, model.device)
+        width = max(len(x) for x in c)
+        embeds = model.get_input_embeddings()(ids)
+        out.append(continuation_logprob(model, embeds, mask, ids[:, -width:], answer_mask[:, -width:]))
+    return torch.cat(out)
+
+
+def choose(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    per_token: bool = False,
+) -> list[int]:
+    """The teacher's choice for multiple-choice prompts: the choice continuation of highest log-probability.
+
+    Args:
+        model: a causal LM.
+        prompts: B token-id lists.
+        choices: per prompt, the token ids of each choice's continuation (non-empty).
+        batch_size: sequences per forward pass.
+        pad_id: filler id.
+        per_token: compare the mean log-probability per token instead of the sum.
+
+    Returns:
+        B indices into each prompt's choices (the first on ties).
+    """
+    pairs = [(p, c) for p, options in zip(prompts, choices) for c in options]
+    scores = continuation_logprobs(
+        model, [p for p, _ in pairs], [c for _, c in pairs], batch_size=batch_size, pad_id=pad_id
+    )
+    if per_token:
+        scores = scores / torch.tensor([len(c) for _, c in pairs], dtype=scores.dtype, device=scores.device)
+    picks, start = [], 0
+    for options in choices:
+        picks.append(int(scores[start : start + len(options)].argmax()))
+        start += len(options)
+    return picks
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+) -> list[str]:
+    """Greedy answers of free-form prompts: the first non-empty line of each generation, stripped.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (for EOS and decoding).
+        prompts: B token-id lists.
+        max_new_tokens: generation length limit.
+        pad_id: filler id.
+
+    Returns:
+        B answers ("" when the model produced no text).
+    """
+    ids, mask = (t.to(model.device) for t in pad_left(prompts, pad_id))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
+    )
+    out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [next((line.strip() for line in text.splitlines() if line.strip()), "") for text in texts]
+
+
+def attribute(
+    forward: Callable[..., torch.Tensor],
+    embeds: torch.Tensor,
+    attributed: torch.Tensor,
+    *,
+    method: str,
+    reduction: str = "l1",
+    ig_steps: int = 20,
+    forward_args: tuple = (),
+) -> torch.Tensor:
+    """Per-token attribution scores of a scalar-per-row function of embeddings.
+
+    Args:
+        forward: ``forward(embeds, *forward_args)`` -> ``[B]``.
+        embeds: ``[B, T, d]`` the input embeddings.
+        attributed: bool ``[B, T]``, the positions to attribute; integrated gradients moves only these (from 0),
+            the others stay at their embeddings.
+        method: ``saliency``, ``input-x-gradient`` or ``integrated-gradients``.
+        reduction: ``l1`` or ``l2`` over the embedding dimension.
+        ig_steps: integration steps of integrated gradients.
+        forward_args: further arguments of ``forward``, batch-first tensors (repeated per integration step).
+
+    Returns:
+        float32 ``[B, T]``, 0 where not attributed.
+    """
+    embeds = embeds.detach()
+    if method == "saliency":
+        attr = Saliency(forward).attribute(embeds.requires_grad_(), abs=True, additional_forward_args=forward_args)
+    elif method == "input-x-gradient":
+        attr = InputXGradient(forward).attribute(embeds.requires_grad_(), additional_forward_args=forward_args)
+    elif method == "integrated-gradients":
+        baselines = torch.where(attributed.unsqueeze(-1), 0.0, embeds)
+        attr = IntegratedGradients(forward).attribute(
+            embeds,
+            baselines=baselines,
+            additional_forward_args=forward_args,
+            n_steps=ig_steps,
+            internal_batch_size=embeds.shape[0],  # one forward/backward of B rows per step
+        )
+    else:
+        raise ValueError(f"unknown attribution method {method!r}")
+    if reduction == "l1":
+        scores = attr.abs().sum(-1)
+    elif reduction == "l2":
+        scores = attr.norm(dim=-1)
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return torch.where(attributed, scores.float(), 0.0)  # [B, T]
+
+
+def answer_attributions(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    method: str,
+    reduction: str = "l1",
+    ig_steps: int = 20,
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """Attribution of log p(answer | prompt) to each prompt token, for a batch.
+
+    Args:
+        model: a causal LM (its parameters need no gradient).
+        prompts: B token-id lists.
+        answers: B non-empty token-id lists, the continuations whose log-probability is attributed.
+        method: ``saliency``, ``input-x-gradient`` or ``integrated-gradients``.
+        reduction: ``l1`` or ``l2`` over the embedding dimension.
+        ig_steps: integration steps of integrated gradients.
+        pad_id: filler id.
+
+    Returns:
+        B float32 tensors, ``[len(prompts[i])]`` each.
+    """
+    ids, mask, prompt_mask, answer_mask = _layout(prompts, answers, pad_id, model.device)
+    width = max(len(a) for a in answers)
+    embeds = model.get_input_embeddings()(ids)  # [B, T, d]
+    scores = attribute(
+        partial(continuation_logprob, model),
+        embeds,
+        prompt_mask,
+        method=method,
+        reduction=reduction,
+        ig_steps=ig_steps,
+        forward_args=(mask, ids[:, -width:], answer_mask[:, -width:]),
+    )
+    end = ids.shape[1]
+    return [scores[i, end - len(a) - len(p) : end - len(a)] for i, (p, a) in enumerate(zip(prompts, answers))]
