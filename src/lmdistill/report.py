@@ -82,7 +82,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     teacher = results["teacher"]
     commit = (env["git"]["commit"] or "unknown")[:10]
     setup_text = (
-        f"**Setup.** Teacher {teacher['name']} ({teacher['parameters'] / 1e6:.1f}M parameters). Student: the teacher's "
+        f"**Setup.** Teacher: {teacher['name']}, {teacher['parameters'] / 1e6:.1f}M parameters. Student: the teacher's "
         f"architecture at hidden size {shape['hidden_size']}, {shape['num_layers']} blocks, {shape['num_heads']} "
         f"query heads ({shape['num_kv_heads']} key/value) of width {shape['head_dim']}, MLP "
         f"{shape['intermediate_size']}, vocabulary {shape['vocab_size']:,}: {student['parameters'] / 1e6:.1f}M "
@@ -150,14 +150,16 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     if names:
         values = [100 * arms[n]["gap_closed_loss"] for n in names]
-        errors = [100 * (arms[n]["gap_closed_loss_std"] or 0) for n in names]
+        stds = [arms[n]["gap_closed_loss_std"] for n in names]
+        errors = [100 * std if std is not None else float("nan") for std in stds]  # NaN: no bar for one seed
         bars = ax.bar(names, values, yerr=errors, capsize=4, color=[colors(list(arms).index(n)) for n in names])
         ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=8)
     else:
         ax.text(0.5, 0.5, "no `random` arm: the gap closed is undefined", ha="center", transform=ax.transAxes)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("gap closed vs random init (%, loss form)")
-    ax.set_title("Share of the teacher–student gap closed (error bars: std over seeds)")
+    ax.set_title("Teacher–student gap closed (error bars: std over seeds, where several)", fontsize=10)
+    ax.margins(y=0.12)
     ax.tick_params(axis="x", labelrotation=20)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
