@@ -3,6 +3,7 @@ resume, errors, and extract -> train -> eval through the command line on tiny mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import save_tiny_teacher
 from transformers import AutoModelForCausalLM
 
@@ -273,6 +275,11 @@ def test_extract_train_eval_through_the_cli(ws, tmp_path, capsys):
             assert prediction["answer"] in example.choices
         assert prediction["correct"] == is_correct(prediction["answer"], example)
     assert "accuracy" in capsys.readouterr().out
+    # the run's config.yaml reproduces its settings through --config
+    again = tmp_path / "again"
+    assert run("rationales", "train", "--config", out / "config.yaml", "--max-steps", 1, "--out", again) == 0
+    saved = yaml.safe_load((again / "config.yaml").read_text())
+    assert saved["lambda_rationale"] == 0.5 and saved["rationales"] == str(rationales) and saved["max_steps"] == 1
 
 
 def test_training_on_labels_makes_the_student_answer_them(ws, tmp_path):
@@ -356,3 +363,21 @@ def test_a_record_without_rationale_text_trains_only_the_label(ws, tmp_path):
         train_module.rationale_targets(
             load_task("jsonl", "train", data=cfg.data), config(ws, "x", rationale_source="llm", rationales=None)
         )
+
+
+def test_the_540b_model_and_gold_rationales_are_sources_too(ws, tmp_path, monkeypatch):
+    root = tmp_path / "reasoning"
+    (root / "svamp" / "llm").mkdir(parents=True)
+    write_jsonl(root / "svamp" / "svamp_train.json", [{"input": "it was 3 and 4", "label": "( 3.0 + 4.0 )"}] * 3)
+    outputs = ["3 and 4 is 7. The answer is 7.\n\nQ: next", "no marker", "4 and 3. The answer is 7."]
+    (root / "svamp" / "llm" / "train_CoT_0.json").write_text(json.dumps(outputs))
+    monkeypatch.setenv("LMDISTILL_SHARED_DATA", str(root))
+    cfg = config(ws, "llm", task="svamp", data=None, rationale_source="llm", rationales=None)
+    found = train_module.rationale_targets(load_task("svamp", "train"), cfg)
+    assert found == {"train-0": "3 and 4 is 7.", "train-2": "4 and 3."}
+    summary = run_rationale_train(dataclasses.replace(cfg, max_steps=1, val_fraction=0.3))
+    assert summary["data"]["train_with_rationale"] + summary["data"]["heldout_examples"] >= 2
+    pytest.importorskip("reasoning_gym")
+    gsm = config(ws, "gsm", task="gsm-symbolic", data=None, rationale_source="gold", rationales=None, size=4)
+    examples = load_task("gsm-symbolic", "train", size=4)
+    assert train_module.rationale_targets(examples, gsm) == {e.id: e.rationale for e in examples}
