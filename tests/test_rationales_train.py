@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +244,32 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(ws, monkeypatc
         assert {k: v for k, v in x.items() if k != "tokens_per_s"} == {
             k: v for k, v in y.items() if k != "tokens_per_s"
         }
+
+
+def test_two_processes_match_one_with_the_same_global_batch(ws):
+    """torchrun, 2 gloo processes x 2 examples = 1 process x 4: the per-term counts are global."""
+    run_rationale_train(config(ws, "ddp-1", batch_size=4, max_steps=3))
+    args = ["rationales", "train", "--student", ws / "student", "--task", "jsonl", "--data", ws / "data.jsonl",
+            "--rationales", ws / "rationales.jsonl", "--max-steps", 3, "--batch-size", 2, "--lr", 3e-3,
+            "--warmup-steps", 1, "--precision", "fp32", "--no-progress", "--log-every", 1, "--val-fraction", 0.2,
+            "--out", ws / "ddp-2"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "lmdistill.cli", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as done:
+        try:
+            _, stderr = done.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)
+            raise
+    assert done.returncode == 0, stderr[-3000:]
+    for a, b in zip(metrics(ws / "ddp-1"), metrics(ws / "ddp-2"), strict=True):
+        assert a.keys() == b.keys()
+        for key in {"loss", "label", "rationale", "tokens", "val_loss"} & a.keys():
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    a, b = weights(ws / "ddp-1" / "final"), weights(ws / "ddp-2" / "final")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- the commands
