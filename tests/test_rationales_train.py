@@ -25,7 +25,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.rationales import extract as extract_module
 from lmdistill.rationales import train as train_module
 from lmdistill.rationales.tasks import is_correct, load_task
-from lmdistill.rationales.train import LABEL, RATIONALE, MultitaskLoss, Sequence, pad_right, run_rationale_train
+from lmdistill.rationales.train import LABEL, RATIONALE, MultitaskLoss, TargetSequence, pad_right, run_rationale_train
 
 # Words of the tiny tokenizer (conftest.WORDS, single letters, digits), so that nothing is <unk>.
 ROWS = [
@@ -113,12 +113,12 @@ def metrics(run: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- the loss
 
 
-def rows() -> list[Sequence]:
+def rows() -> list[TargetSequence]:
     return [
-        Sequence(ids=(0, 5, 6, 7, 8, 9, 1), start=4, term=LABEL),
-        Sequence(ids=(0, 5, 6, 10, 11, 12, 13, 14, 15, 1), start=3, term=RATIONALE),
-        Sequence(ids=(0, 20, 21, 22, 1), start=4, term=LABEL),
-        Sequence(ids=(0, 20, 30, 31, 1), start=2, term=RATIONALE),
+        TargetSequence(ids=(0, 5, 6, 7, 8, 9, 1), start=4, term=LABEL),
+        TargetSequence(ids=(0, 5, 6, 10, 11, 12, 13, 14, 15, 1), start=3, term=RATIONALE),
+        TargetSequence(ids=(0, 20, 21, 22, 1), start=4, term=LABEL),
+        TargetSequence(ids=(0, 20, 30, 31, 1), start=2, term=RATIONALE),
     ]
 
 
@@ -156,7 +156,7 @@ def test_with_lambda_zero_the_rationale_rows_add_no_gradient(ws):
     loss = MultitaskLoss(lm)
     label_rows = [r for r in rows() if r.term == LABEL]
 
-    def gradient(batch: list[Sequence], weight: float) -> list[torch.Tensor]:
+    def gradient(batch: list[TargetSequence], weight: float) -> list[torch.Tensor]:
         lm.zero_grad()
         ids, labels, row_terms = pad_right(batch, pad_id=1)
         counts = tuple(sum(r.targets for r in batch if r.term == k) for k in (LABEL, RATIONALE))

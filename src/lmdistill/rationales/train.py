@@ -50,7 +50,7 @@ HELD_OUT_SEED = 0  # the held-out examples do not depend on --seed, so that runs
 
 
 @dataclass(frozen=True)
-class Sequence:
+class TargetSequence:
     """One training sequence: prompt + target token ids, where the target starts, and its term."""
 
     ids: tuple[int, ...]
@@ -92,7 +92,7 @@ class MultitaskLoss(LMLoss):
         return total, parts[0], parts[1]
 
 
-def pad_right(rows: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_right(rows: list[TargetSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids ``[B, L]`` right-padded, labels ``[B, L]`` (position t predicts target token t + 1; -100 at prompt and
     padding) and the term of each row ``[B]``. Right padding needs no attention mask in a causal model: the padding
     comes after every token that is predicted."""
@@ -112,8 +112,8 @@ class RationaleTrainData:
 
     def __init__(
         self,
-        train: list[list[Sequence]],
-        val: list[list[Sequence]],
+        train: list[list[TargetSequence]],
+        val: list[list[TargetSequence]],
         *,
         weight: float,
         pad_id: int,
@@ -131,7 +131,7 @@ class RationaleTrainData:
     def loss_module(self, student: PreTrainedModel) -> MultitaskLoss:
         return MultitaskLoss(student)
 
-    def _counts(self, examples: list[list[Sequence]]) -> tuple[int, int]:
+    def _counts(self, examples: list[list[TargetSequence]]) -> tuple[int, int]:
         counts = [0, 0]
         for sequences in examples:
             for s in sequences:
@@ -176,7 +176,7 @@ class RationaleTrainData:
 
 def encode(
     tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, term: int, max_len: int
-) -> tuple[Sequence, bool]:
+) -> tuple[TargetSequence, bool]:
     """Tokenize prompt + `continuation(target)` + end-of-sequence; over ``max_len`` tokens the prompt loses its
     start (the template's end, next to the target, stays), and the target its end. Returns the sequence and whether
     it was cut."""
@@ -186,7 +186,7 @@ def encode(
     if cut:
         target_ids = target_ids[: max_len - 1]
         prompt_ids = prompt_ids[len(prompt_ids) - (max_len - len(target_ids)) :]
-    return Sequence(ids=tuple(prompt_ids + target_ids), start=len(prompt_ids), term=term), cut
+    return TargetSequence(ids=tuple(prompt_ids + target_ids), start=len(prompt_ids), term=term), cut
 
 
 def rationale_targets(examples: list[Example], config: RationaleTrainConfig) -> dict[str, str]:
