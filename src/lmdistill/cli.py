@@ -20,7 +20,9 @@ from lmdistill.config import (
     DemoConfig,
     EvalConfig,
     InitConfig,
+    RationaleEvalConfig,
     RationaleExtractConfig,
+    RationaleTrainConfig,
     StudyConfig,
     TrainConfig,
     load_yaml,
@@ -92,6 +94,29 @@ def _rationales_extract(config: RationaleExtractConfig) -> None:
     )
 
 
+def _rationales_train(config: RationaleTrainConfig) -> None:
+    from lmdistill.rationales.train import run_rationale_train
+
+    summary = run_rationale_train(config)
+    if "final" in summary:
+        data = summary["data"]
+        print(
+            f"trained on {data['train_examples']} examples ({data['train_with_rationale']} with a rationale, "
+            f"lambda {data['lambda_rationale']}); held-out label loss {summary['val_loss']:.4f} on "
+            f"{data['heldout_examples']} examples; student in {summary['final']}"
+        )
+
+
+def _rationales_eval(config: RationaleEvalConfig) -> None:
+    from lmdistill.rationales.evaluate import run_rationale_eval
+
+    results = run_rationale_eval(config)
+    print(
+        f"accuracy {100 * results['accuracy']:.1f}% ({results['correct']} of {results['total']}) on {results['task']} "
+        f"{results['split']}; results written to {results['written_to']}"
+    )
+
+
 # name -> (config dataclass, run function, one-line description)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "init": (InitConfig, _init, "initialize a student from a teacher (random, weight-selection, guide, guide-all)"),
@@ -104,6 +129,16 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
         RationaleExtractConfig,
         _rationales_extract,
         "teacher answers + gradient attributions -> top-k rationale words per example (JSON lines, resumable)",
+    ),
+    "rationales train": (
+        RationaleTrainConfig,
+        _rationales_train,
+        "multitask training: predict: prompt -> label, explain: prompt -> rationale; loss = label + lambda * rationale",
+    ),
+    "rationales eval": (
+        RationaleEvalConfig,
+        _rationales_eval,
+        "accuracy from the predict: prompt alone (choice scoring or greedy answers; SVAMP equations evaluated)",
     ),
 }
 

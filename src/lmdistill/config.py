@@ -528,3 +528,147 @@ class RationaleExtractConfig:
     def prompt_template(self) -> str:
         """--template, else the task's default template."""
         return self.template if self.template is not None else task_spec(self.task).template
+
+
+RationaleSource = Literal["file", "llm", "gold", "none"]
+
+
+@dataclass
+class RationaleTrainConfig:
+    """`lmdistill rationales train`: multitask training of a student: `predict:` prompt -> label, `explain:` prompt ->
+    rationale; loss = L_label + lambda * L_rationale, each the mean cross-entropy over its own target tokens."""
+
+    student: str | None = field(default=None, metadata={"help": "student: a Hugging Face directory, e.g. from init"})
+    out: str | None = field(default=None, metadata={"help": "run directory (required); the student lands in OUT/final"})
+    task: RationaleTask = field(
+        default="gsm-symbolic",
+        metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
+    )
+    split: Literal["train", "test", "valid"] = field(default="train", metadata={"help": "split to train on"})
+    data: str | None = field(
+        default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}
+    )
+    rationales: str | None = field(
+        default=None, metadata={"help": "JSON-lines file from `rationales extract` (--rationale-source file)"}
+    )
+    rationale_source: RationaleSource = field(
+        default="file",
+        metadata={
+            "help": "file: --rationales, matched by id; llm: the 540B model's chain-of-thought rationales (svamp, cqa;"
+            " Distilling step-by-step); gold: the data's own (gsm-symbolic, cqa, esnli); none: plain fine-tuning"
+        },
+    )
+    lambda_rationale: float = field(
+        default=1.0, metadata={"help": "weight of the rationale loss (0: plain fine-tuning on labels)"}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "prompt template; unset: the task's own (the one extract used by default)"}
+    )
+    max_len: int = field(default=256, metadata={"help": "tokens per sequence; longer prompts lose their start"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out (at least one)"})
+    size: int = field(default=1000, metadata={"help": "gsm-symbolic: examples generated per split"})
+    data_seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the generated train split"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per process (1-2 sequences each)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr (cosine)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
+    chunk_size: int = field(
+        default=256, metadata={"help": "positions per chunk of the loss: memory grows with chunk x vocabulary"}
+    )
+    eval_every: int = field(default=0, metadata={"help": "held-out label loss every N steps (0: at the end)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed of the example order and anything random"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the student (FSDP2) instead of DDP"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.lambda_rationale < 0:
+            raise LmdistillError(f"--lambda-rationale must be non-negative, got {self.lambda_rationale}")
+        if self.rationale_source == "file" and self.rationales is None and self.lambda_rationale > 0:
+            raise LmdistillError(
+                "--rationales FILE is required with --rationale-source file (or use --rationale-source llm, gold or "
+                "none, or --lambda-rationale 0)"
+            )
+        if self.rationale_source != "file" and self.rationales is not None:
+            raise LmdistillError(f"--rationales applies to --rationale-source file, not {self.rationale_source}")
+        if self.max_len < 2:
+            raise LmdistillError(f"--max-len must be at least 2, got {self.max_len}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 1 <= self.size <= 1_000_000 or self.data_seed < 0:
+            raise LmdistillError("--size must be in [1, 1000000] and --data-seed non-negative")
+        check_template(self.prompt_template, self.task)
+        if self.task == "jsonl" and self.data is None:
+            raise LmdistillError(JSONL_NEEDS_DATA)
+        if self.task == "gsm-symbolic" and self.data is not None:
+            raise LmdistillError(GSM_TAKES_NO_DATA)
+        self.engine_config()  # the engine's own checks of the shared settings (steps, batch, lr, ...)
+
+    @property
+    def prompt_template(self) -> str:
+        """--template, else the task's default template."""
+        return self.template if self.template is not None else task_spec(self.task).template
+
+    def engine_config(self) -> TrainConfig:
+        """The training engine's settings of this run (a `TrainConfig` validates them)."""
+        shared = ("student", "out", "max_steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+                  "weight_decay", "grad_clip", "precision", "chunk_size", "val_fraction", "eval_every", "save_every",
+                  "log_every", "seed", "resume", "fsdp", "progress")  # fmt: skip
+        return TrainConfig(seq_len=self.max_len, **{name: getattr(self, name) for name in shared})
+
+
+@dataclass
+class RationaleEvalConfig:
+    """`lmdistill rationales eval`: accuracy of a model on a task from the `predict:` prompt alone (choice scoring for
+    multiple-choice tasks, else greedy decoding; SVAMP equations are evaluated and compared as numbers)."""
+
+    model: str | None = field(default=None, metadata={"help": "the model to evaluate: a Hugging Face directory"})
+    task: RationaleTask = field(
+        default="gsm-symbolic",
+        metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
+    )
+    split: Literal["train", "test", "valid"] = field(default="test", metadata={"help": "split to evaluate"})
+    data: str | None = field(
+        default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}
+    )
+    template: str | None = field(default=None, metadata={"help": "prompt template; unset: the task's own"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
+    batch_size: int = field(default=8, metadata={"help": "examples per batch"})
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy answer length limit (tasks without choices)"})
+    choice_score: Literal["sum", "mean"] = field(
+        default="sum", metadata={"help": "choices compete by total or per-token log-probability"}
+    )
+    size: int = field(default=1000, metadata={"help": "gsm-symbolic: examples generated per split"})
+    seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the train split (test: seed + 1,000,000)"})
+    out: str | None = field(default=None, metadata={"help": "results JSON (default: MODEL/rationales_eval.json)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.model is None:
+            raise LmdistillError("--model is required: the model directory to evaluate")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise LmdistillError(f"--limit must be at least 1, got {self.limit}")
+        if not 1 <= self.size <= 1_000_000 or self.seed < 0:
+            raise LmdistillError("--size must be in [1, 1000000] and --seed non-negative")
+        check_template(self.prompt_template, self.task)
+        if self.task == "jsonl" and self.data is None:
+            raise LmdistillError(JSONL_NEEDS_DATA)
+        if self.task == "gsm-symbolic" and self.data is not None:
+            raise LmdistillError(GSM_TAKES_NO_DATA)
+
+    @property
+    def prompt_template(self) -> str:
+        """--template, else the task's default template."""
+        return self.template if self.template is not None else task_spec(self.task).template

@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import RationaleExtractConfig, to_yaml
+from lmdistill.config import RationaleEvalConfig, RationaleExtractConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_teacher
 from lmdistill.rationales.attribution import answer_attributions, choose, generate
@@ -104,10 +104,11 @@ def teacher_answers(
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     prompt_ids: list[list[int]],
-    config: RationaleExtractConfig,
+    config: RationaleExtractConfig | RationaleEvalConfig,
     pad_id: int,
 ) -> list[str]:
-    """The teacher's answer to each prompt: its best choice for multiple-choice examples, else its greedy answer."""
+    """The model's answer to each prompt: its best choice for multiple-choice examples (``config.choice_score``),
+    else its greedy answer (at most ``config.max_new_tokens``); used for the teacher (extract) and students (eval)."""
     answers = [""] * len(examples)
     picked = [i for i, e in enumerate(examples) if e.choices]
     if picked:

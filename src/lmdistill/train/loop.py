@@ -6,6 +6,11 @@ together with either the online teacher's hidden states and head, a cached top-k
 accumulation and the number of processes do not change the update. The loss is part of the forward of the module
 that DDP wraps or FSDP shards (`LMLoss`), so one code path serves one process, DDP and FSDP.
 
+What the loop trains on is a `TrainData`: the packed text blocks of `--data` (`PackedTrainData`, the default) or any
+other source that gives padded, label-masked batches and its own loss module, such as the label + rationale
+multitask data of `lmdistill rationales train` (`lmdistill.rationales.train`). Optimizer, schedule, clipping,
+checkpoints, resume, progress bar and metrics are the same for every source.
+
 Launch: `lmdistill train --student runs/student-guide --teacher default --loss ce+kd --max-steps 200
 --batch-size 8 --seq-len 256 --out runs/train-guide` (multi-process: `torchrun --nproc-per-node 2 -m lmdistill.cli
 train ... [--fsdp]`).
@@ -19,13 +24,13 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import TrainConfig, to_yaml
 from lmdistill.data.order import DataOrder
@@ -93,12 +98,156 @@ class MetricsLog:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
 
-def run_train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+class TrainData(Protocol):
+    """A training data source of `run_train`.
+
+    The loop reads examples by index (`DataOrder` over ``len(data)``); for each optimizer step it asks for the
+    step's loss options once, from the indices of all its micro-batches on all processes (so that normalizers are
+    global counts, which keeps gradient accumulation and the number of processes out of the update), then for each
+    micro-batch calls the loss module as ``module(ids, labels, **extras, **options)`` inside autocast and
+    back-propagates the first of its outputs.
+
+    Attributes:
+        terms: the names of the loss parts the module returns after the total, logged per step.
+        manifest: what the data is, written to ``OUT/data_manifest.json``.
+    """
+
+    terms: tuple[str, ...]
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        """Number of training examples (blocks, or labelled examples)."""
+        ...
+
+    def loss_module(self, student: PreTrainedModel) -> nn.Module:
+        """The module DDP wraps or FSDP shards: forward(ids, labels, ...) -> (total, *parts), parts named `terms`."""
+        ...
+
+    def step_options(self, indices: np.ndarray) -> dict[str, Any]:
+        """Keyword options of the loss module for one optimizer step whose examples (all micro-batches, all
+        processes) are ``indices``."""
+        ...
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """ids ``[B, L]``, labels ``[B, L]`` (aligned: position t predicts labels[t]; -100 where nothing is
+        predicted, padding included) and further tensors for the loss module; called inside autocast."""
+        ...
+
+    def tokens(self, indices: np.ndarray) -> int:
+        """Tokens the examples ``indices`` put through the student (for the tokens and tokens/s metrics)."""
+        ...
+
+    def evaluate(self, module: nn.Module, processes: distributed.Processes) -> float:
+        """Held-out loss in nats per predicted token (every process gets the same number)."""
+        ...
+
+
+class PackedTrainData:
+    """Packed text blocks of ``--data`` for language modelling and KD from an online or cached teacher."""
+
+    terms = ("ce", "kd")
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        processes: distributed.Processes,
+    ) -> None:
+        self.config, self.teacher, self.cache = config, None, None
+        if config.teacher is not None and config.kd_share > 0:
+            loaded = load_teacher(config.teacher)
+            self.teacher = loaded.model.to(processes.device)
+            check_same_vocabulary(student, tokenizer, self.teacher, loaded.tokenizer)
+        # The main process prepares (or finds) the packed data first; the others then read its cache.
+        if processes.world > 1 and not processes.main:
+            torch.distributed.barrier()
+        self.data = prepare_data(
+            config.data,
+            tokenizer,
+            config.seq_len,
+            val_fraction=config.val_fraction,
+            progress=config.progress and processes.main,
+        )
+        if processes.world > 1 and processes.main:
+            torch.distributed.barrier()
+        self.manifest = self.data.manifest
+        if config.teacher_cache is not None and config.kd_share > 0:
+            self.cache = TeacherCache.open(Path(config.teacher_cache), self.data)
+            total_samples = config.max_steps * config.batch_size * config.grad_accum * processes.world
+            missing = self.cache.missing(DataOrder(len(self), config.seed).blocks(0, total_samples))
+            if len(missing):
+                raise LmdistillError(
+                    f"teacher cache {config.teacher_cache} lacks {len(missing)} of the training blocks this run reads; "
+                    f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without "
+                    "--samples)"
+                )
+        self.val_blocks = self.data.val[: max(1, config.eval_tokens // config.seq_len)]
+
+    def __len__(self) -> int:
+        return len(self.data.train)
+
+    def loss_module(self, student: PreTrainedModel) -> nn.Module:
+        return LMLoss(student)
+
+    def step_options(self, indices: np.ndarray) -> dict[str, Any]:
+        config = self.config
+        return {
+            "kd_weight": config.kd_share,
+            "kind": config.kd_loss,
+            "temperature": config.temperature,
+            "beta": config.beta,
+            "alpha": config.alpha,
+            "num_items": len(indices) * (config.seq_len - 1),  # every position but the last of a block predicts
+            "chunk_size": config.chunk_size,
+        }
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        ids = torch.as_tensor(self.data.train[indices].astype(np.int64), device=device)  # [B, L]
+        teacher_inputs: dict[str, torch.Tensor] = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_inputs["teacher_hidden"] = self.teacher.base_model(input_ids=ids).last_hidden_state
+            teacher_inputs["teacher_head"] = self.teacher.get_output_embeddings().weight
+        elif self.cache is not None:
+            top_ids, top_logprobs = self.cache.lookup(indices)  # [B, L, K] each
+            teacher_inputs["teacher_ids"] = top_ids.to(device)
+            teacher_inputs["teacher_logprobs"] = top_logprobs.to(device)
+        return ids, shifted_labels(ids), teacher_inputs
+
+    def tokens(self, indices: np.ndarray) -> int:
+        return len(indices) * self.config.seq_len
+
+    def evaluate(self, module: nn.Module, processes: distributed.Processes) -> float:
+        return heldout_loss(
+            module,
+            self.val_blocks,
+            batch_size=self.config.batch_size,
+            precision=self.config.precision,
+            chunk_size=self.config.chunk_size,
+            processes=processes,
+        )
+
+
+DataFactory = Callable[[PreTrainedModel, PreTrainedTokenizerBase, distributed.Processes], TrainData]
+
+
+def run_train(
+    config: TrainConfig,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    data: DataFactory | None = None,
+    settings: Any = None,
+) -> dict[str, Any]:
     """Train a student as `config` says; write checkpoints, metrics and `OUT/final`.
 
     Args:
-        config: the resolved `TrainConfig`.
+        config: the resolved `TrainConfig` (optimizer, schedule, batch, checkpoint and logging settings).
         on_step: called with each optimizer step's metrics record (e.g. to drive an outer progress bar).
+        data: builds the training data from the loaded student, its tokenizer and the processes; default: the
+            packed text of ``config.data`` (`PackedTrainData`).
+        settings: the config written to ``OUT/config.yaml`` and compared on resume (default: ``config``), for
+            commands that drive the engine from a config of their own.
 
     Returns:
         A summary: steps, tokens, seconds, tokens/s, final held-out loss and perplexity, output paths.
@@ -107,14 +256,19 @@ def run_train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | N
     if config.fsdp and processes.world == 1:
         raise LmdistillError("--fsdp shards the student over processes: launch with torchrun --nproc-per-node N")
     try:
-        return _train(config, processes, on_step)
+        return _train(config, processes, on_step, data or (lambda s, t, p: PackedTrainData(config, s, t, p)), settings)
     finally:
         distributed.stop()
 
 
 def _train(
-    config: TrainConfig, processes: distributed.Processes, on_step: Callable[[dict[str, Any]], None] | None
+    config: TrainConfig,
+    processes: distributed.Processes,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    make_data: DataFactory,
+    settings: Any,
 ) -> dict[str, Any]:
+    settings = config if settings is None else settings
     out = Path(config.out)
     root = out / "checkpoints"
     resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
@@ -123,38 +277,12 @@ def _train(
 
     student, tokenizer, _ = load_hf_directory(Path(resume_from or config.student), torch.float32)
     student.train()
-    teacher = cache = None
-    if config.teacher is not None and config.kd_share > 0:
-        loaded = load_teacher(config.teacher)
-        teacher = loaded.model.to(processes.device)
-        check_same_vocabulary(student, tokenizer, teacher, loaded.tokenizer)
-
-    # The main process prepares (or finds) the packed data first; the others then read its cache.
-    if processes.world > 1 and not processes.main:
-        torch.distributed.barrier()
-    data = prepare_data(
-        config.data,
-        tokenizer,
-        config.seq_len,
-        val_fraction=config.val_fraction,
-        progress=config.progress and processes.main,
-    )
-    if processes.world > 1 and processes.main:
-        torch.distributed.barrier()
-    order = DataOrder(len(data.train), config.seed)
+    data = make_data(student, tokenizer, processes)
+    order = DataOrder(len(data), config.seed)
     global_batch = config.batch_size * config.grad_accum * processes.world
-    if config.teacher_cache is not None and config.kd_share > 0:
-        cache = TeacherCache.open(Path(config.teacher_cache), data)
-        total_samples = config.max_steps * global_batch
-        missing = cache.missing(order.blocks(0, total_samples))
-        if len(missing):
-            raise LmdistillError(
-                f"teacher cache {config.teacher_cache} lacks {len(missing)} of the training blocks this run reads; "
-                f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without --samples)"
-            )
 
-    lm_loss = LMLoss(student)
-    model = distributed.wrap(lm_loss, processes, decoder_layers(student) if config.fsdp else None)
+    loss_module = data.loss_module(student)
+    model = distributed.wrap(loss_module, processes, decoder_layers(student) if config.fsdp else None)
     optimizer = _optimizer(student, config)  # after wrapping: FSDP replaces the parameters with sharded ones
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
 
@@ -168,7 +296,7 @@ def _train(
         meta = json.loads((resume_from / "meta.json").read_text())
         previous, last_record = meta["config"], meta["metrics"]
         changed = sorted(
-            k for k, v in vars(config).items() if k not in ("resume", "max_steps") and previous.get(k) != v
+            k for k, v in vars(settings).items() if k not in ("resume", "max_steps") and previous.get(k) != v
         )
         if changed:
             log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
@@ -178,23 +306,13 @@ def _train(
 
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(config))
+        (out / "config.yaml").write_text(to_yaml(settings))
         (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
         (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
     metrics = MetricsLog(out, start_step) if processes.main else None
 
-    num_items = global_batch * (config.seq_len - 1)  # every position but the last of each block predicts a token
-    val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]
-
     def evaluate() -> float:
-        return heldout_loss(
-            lm_loss,
-            val_blocks,
-            batch_size=config.batch_size,
-            precision=config.precision,
-            chunk_size=config.chunk_size,
-            processes=processes,
-        )
+        return data.evaluate(loss_module, processes)
 
     def save(step: int, record: dict[str, Any]) -> None:
         states = [checkpoint.rng_state()]
@@ -211,7 +329,7 @@ def _train(
                 "step": step,
                 "samples_seen": step * global_batch,
             }
-            meta = {"step": step, "metrics": record, "config": vars(config)}
+            meta = {"step": step, "metrics": record, "config": vars(settings)}
             checkpoint.save_checkpoint(root, step, student, weights, tokenizer, training_state, meta)
         if processes.world > 1:
             torch.distributed.barrier()
@@ -223,38 +341,22 @@ def _train(
         dynamic_ncols=True,
         disable=not (processes.main and config.progress),
     )
-    loss_options = {
-        "kd_weight": config.kd_share,
-        "kind": config.kd_loss,
-        "temperature": config.temperature,
-        "beta": config.beta,
-        "alpha": config.alpha,
-        "num_items": num_items,
-        "chunk_size": config.chunk_size,
-    }
     started, tokens_this_run, record = time.perf_counter(), 0, last_record
+    tokens_total = last_record.get("tokens", 0)
     for step in range(start_step, config.max_steps):
-        sums = torch.zeros(3, dtype=torch.float64, device=processes.device)  # total, ce, kd (already normalized)
+        step_indices = order.blocks(step * global_batch, global_batch)
+        loss_options = data.step_options(step_indices)
+        sums = torch.zeros(1 + len(data.terms), dtype=torch.float64, device=processes.device)  # total, then terms
         for micro in range(config.grad_accum):
             position = step * global_batch + (micro * processes.world + processes.rank) * config.batch_size
             indices = order.blocks(position, config.batch_size)
-            ids = torch.as_tensor(data.train[indices].astype(np.int64), device=processes.device)  # [B, L]
-            labels = shifted_labels(ids)
-            teacher_inputs: dict[str, torch.Tensor] = {}
             with autocast(processes.device, config.precision):
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_inputs["teacher_hidden"] = teacher.base_model(input_ids=ids).last_hidden_state
-                    teacher_inputs["teacher_head"] = teacher.get_output_embeddings().weight
-                elif cache is not None:
-                    top_ids, top_logprobs = cache.lookup(indices)  # [B, L, K] each
-                    teacher_inputs["teacher_ids"] = top_ids.to(processes.device)
-                    teacher_inputs["teacher_logprobs"] = top_logprobs.to(processes.device)
+                ids, labels, extras = data.batch(indices, processes.device)
                 with distributed.gradient_sync(model, micro == config.grad_accum - 1):
-                    total, ce, kd = model(ids, labels, **teacher_inputs, **loss_options)
+                    total, *parts = model(ids, labels, **extras, **loss_options)
                     # DDP and FSDP average gradients over processes; the loss is already a share of the global sum.
                     (total * processes.world).backward()
-            sums += torch.stack([total.detach(), ce.detach(), kd.detach()]).double()
+            sums += torch.stack([total.detach(), *(p.detach() for p in parts)]).double()
         distributed.all_reduce_sum(sums)
         if not torch.isfinite(sums).all():
             last_good = checkpoint.latest_checkpoint(root)
@@ -268,18 +370,20 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        tokens_this_run += global_batch * config.seq_len
+        step_tokens = data.tokens(step_indices)
+        tokens_this_run += step_tokens
+        tokens_total += step_tokens
         elapsed = time.perf_counter() - started
-        record = {
-            "step": done,
-            "loss": sums[0].item(),
-            "ce": sums[1].item(),
-            "kd": sums[2].item(),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm.item(),
-            "tokens": done * global_batch * config.seq_len,
-            "tokens_per_s": tokens_this_run / elapsed,
-        }
+        record = {"step": done, "loss": sums[0].item()}
+        record.update({name: value.item() for name, value in zip(data.terms, sums[1:])})
+        record.update(
+            {
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item(),
+                "tokens": tokens_total,
+                "tokens_per_s": tokens_this_run / elapsed,
+            }
+        )
         is_last = done == config.max_steps
         if (config.eval_every and done % config.eval_every == 0) or is_last:
             record["val_loss"] = evaluate()
