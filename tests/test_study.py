@@ -167,6 +167,8 @@ def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():
     study = StudyConfig(**load_yaml(ROOT / "configs" / "study-smollm2.yaml", StudyConfig))
     assert study.seeds == [0, 1, 2] and len(study.arms) == 5 and len(study.ablations) == 4
     assert study.max_steps * study.batch_size * study.seq_len >= 300_000
+    gpu = StudyConfig(**load_yaml(ROOT / "configs" / "study-smollm2-gpu.yaml", StudyConfig))
+    assert gpu.runs() == study.runs() and gpu.max_steps * gpu.batch_size * gpu.seq_len >= 50_000_000
 
 
 @pytest.mark.parametrize(
