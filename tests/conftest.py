@@ -88,3 +88,13 @@ def write_corpus(path, documents: int = 12, words: int = 400):
     for i in range(documents):
         (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(words)))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread: tiny models gain nothing from threads, and on a busy 2-core machine thread contention
+    made them 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

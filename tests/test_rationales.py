@@ -29,13 +29,7 @@ from lmdistill.rationales.words import STOP_WORDS, Word, rationale_text, select_
 METHODS = ["saliency", "input-x-gradient", "integrated-gradients"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread contention made them 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, rows) -> str:
