@@ -1,10 +1,13 @@
 """Training throughput and memory: CE only, KD with the online teacher, KD from the teacher cache, and TRL.
 
-The same student (GUIDE-initialized from the default teacher), data, batch and sequence length in every mode; the
-alternative a user would pick is the same forward-KL distillation through TRL's GKD trainer (`pip install trl`,
-off-policy: lmbda 0, beta 0), which computes full [B, T, V] logits for student and teacher. Each
-mode runs in a fresh process so that its peak resident memory is its own; each does `--warmup` steps, then times
-`--steps` optimizer steps. The teacher cache is built first on the same data (its time is reported separately).
+Our three modes are `lmdistill train` itself (`run_train`, timed step by step through its `on_step` hook), so the
+numbers include everything a user's run does per step: data, loss, backward, clipping, AdamW, schedule. The same
+student (GUIDE-initialized from the default teacher), data, blocks in the same order, batch and sequence length in
+every mode; the alternative a user would pick is the same forward-KL distillation through TRL's GKD trainer
+(`pip install -e ".[bench]"`, off-policy: lmbda 0, beta 0), which computes full [B, T, V] logits for student and
+teacher. Each mode runs in a fresh process so that its peak resident memory (VmHWM) is its own; each does `--warmup`
+steps, then times `--steps` optimizer steps. The teacher cache is built first with `lmdistill cache-teacher`'s code
+on exactly the blocks the runs read (its time is reported separately).
 
 Run: `.venv/bin/python benchmarks/bench_train.py` (the last printed line is one JSON object).
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,19 +25,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmdistill.data.packed import PackedData, prepare_data
-from lmdistill.evaluate import autocast, shifted_labels
-from lmdistill.losses import chunked_distill_loss
+from lmdistill.config import CacheTeacherConfig, TrainConfig
+from lmdistill.data.order import DataOrder
+from lmdistill.data.packed import prepare_data
 from lmdistill.models.load import load_hf_directory, load_teacher
-from lmdistill.teacher_cache import TeacherCache, write_cache
+from lmdistill.teacher_cache import run_cache_teacher
+from lmdistill.train.loop import run_train
 
 MODES = ("ce", "kd_online", "kd_cached", "trl_kd")
 
 
-def timed_blocks(data: PackedData, args: argparse.Namespace) -> PackedData:
-    """The packed data cut to the training blocks the warm-up and timed steps read (all the cache needs)."""
-    n_blocks = (args.warmup + args.steps) * args.batch_size
-    return PackedData(data.train[:n_blocks], data.val, data.manifest, data.directory)
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM starts afresh at exec; `ru_maxrss` would carry the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def throughput(args: argparse.Namespace, step_ends: list[float]) -> dict:
+    """Tokens/s over the timed steps: from the end of the last warm-up step to the end of the last step."""
+    seconds = step_ends[args.warmup + args.steps - 1] - step_ends[args.warmup - 1]
+    return {
+        "mode": args.mode,
+        "tokens_per_s": args.steps * args.batch_size * args.seq_len / seconds,
+        "seconds_per_step": seconds / args.steps,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def measure_trl(args: argparse.Namespace) -> dict:
@@ -45,19 +61,20 @@ def measure_trl(args: argparse.Namespace) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     student, tokenizer, _ = load_hf_directory(Path(args.student), torch.float32)
-    data = timed_blocks(prepare_data(args.data, tokenizer, args.seq_len, progress=False), args)
+    data = prepare_data(args.data, tokenizer, args.seq_len, progress=False)
+    order = DataOrder(len(data.train), args.seed).blocks(0, (args.warmup + args.steps) * args.batch_size)
+    blocks = Dataset.from_dict({"input_ids": data.train[order].astype(np.int64).tolist()})  # our runs' blocks
     teacher = load_teacher(args.teacher).model
-    blocks = Dataset.from_dict({"input_ids": data.train.astype(np.int64).tolist()})
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([row["input_ids"] for row in rows])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    class StepClock(TrainerCallback):
-        times: list[float] = []
+    step_ends: list[float] = []
 
+    class StepClock(TrainerCallback):
         def on_step_end(self, *_args, **_kwargs):
-            self.times.append(time.perf_counter())
+            step_ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
         config = GKDConfig(
@@ -65,66 +82,31 @@ def measure_trl(args: argparse.Namespace) -> dict:
             learning_rate=1e-4, lmbda=0.0, beta=0.0, seq_kd=False, use_cpu=True, bf16=False, report_to=[],
             save_strategy="no", logging_strategy="no", dataloader_drop_last=True, max_length=args.seq_len,
             disable_tqdm=True, gradient_checkpointing=False,  # as our loop: no recomputation, the faster setting
+            train_sampling_strategy="sequential",
         )  # fmt: skip
-        clock = StepClock()
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=blocks,
-                             processing_class=tokenizer, data_collator=collate, callbacks=[clock])  # fmt: skip
+                             processing_class=tokenizer, data_collator=collate, callbacks=[StepClock()])  # fmt: skip
         trainer.train()
-    seconds = clock.times[-1] - clock.times[args.warmup - 1]
-    return {
-        "mode": args.mode,
-        "tokens_per_s": args.steps * args.batch_size * args.seq_len / seconds,
-        "seconds_per_step": seconds / args.steps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return throughput(args, step_ends)
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Time `args.steps` training steps of one mode in this process."""
+    """Time `args.steps` optimizer steps of `lmdistill train` in one mode in this process."""
     if args.mode == "trl_kd":
         return measure_trl(args)
-    student, tokenizer, _ = load_hf_directory(Path(args.student), torch.float32)
-    student.train()
-    data = timed_blocks(prepare_data(args.data, tokenizer, args.seq_len, progress=False), args)
-    teacher = load_teacher(args.teacher).model if args.mode == "kd_online" else None
-    cache = TeacherCache.open(Path(args.cache), data) if args.mode == "kd_cached" else None
-    head = student.get_output_embeddings().weight
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    device = torch.device("cpu")
-    num_items = args.batch_size * (args.seq_len - 1)
-
-    def step(i: int) -> None:
-        blocks = np.arange(i * args.batch_size, (i + 1) * args.batch_size)
-        ids = torch.as_tensor(data.train[blocks].astype(np.int64))
-        extra = {}
-        with autocast(device, args.precision):
-            if teacher is not None:
-                with torch.no_grad():
-                    extra["teacher_hidden"] = teacher.base_model(input_ids=ids).last_hidden_state
-                extra["teacher_head"] = teacher.get_output_embeddings().weight
-            if cache is not None:
-                extra["teacher_ids"], extra["teacher_logprobs"] = cache.lookup(blocks)
-            hidden = student.base_model(input_ids=ids).last_hidden_state
-            total, _, _ = chunked_distill_loss(
-                hidden, head, shifted_labels(ids), kd_weight=0.0 if args.mode == "ce" else 1.0,
-                num_items=num_items, chunk_size=args.chunk_size, **extra,
-            )  # fmt: skip
-        total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for i in range(args.warmup):
-        step(i)
-    start = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    seconds = time.perf_counter() - start
-    return {
-        "mode": args.mode,
-        "tokens_per_s": args.steps * args.batch_size * args.seq_len / seconds,
-        "seconds_per_step": seconds / args.steps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    step_ends: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(
+            student=args.student, out=out, data=args.data, loss="ce" if args.mode == "ce" else "kd",
+            teacher=args.teacher if args.mode == "kd_online" else None,
+            teacher_cache=args.cache if args.mode == "kd_cached" else None,
+            max_steps=args.warmup + args.steps + 1,  # the last step's held-out evaluation and save stay untimed
+            batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4,
+            precision=args.precision, chunk_size=args.chunk_size, eval_tokens=args.seq_len, seed=args.seed,
+            progress=False,
+        )  # fmt: skip
+        run_train(config, on_step=lambda record: step_ends.append(time.perf_counter()))
+    return throughput(args, step_ends)
 
 
 def main() -> None:
@@ -136,32 +118,36 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="data order of every mode")
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk of the loss")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step)")
     if args.mode:  # a child process: one mode
         print(json.dumps(measure(args)))
         return
 
     with tempfile.TemporaryDirectory() as scratch:
-        # Cache only the blocks the timed steps read, on the same data.
-        teacher = load_teacher(args.teacher)
-        data = timed_blocks(prepare_data(args.data, teacher.tokenizer, args.seq_len, progress=False), args)
         start = time.perf_counter()
-        write_cache(teacher.model, teacher.name, teacher.tokenizer, data, Path(scratch), top_k=args.top_k,
-                    precision=args.precision, progress=False)  # fmt: skip
+        manifest = run_cache_teacher(
+            CacheTeacherConfig(
+                teacher=args.teacher, out=scratch, data=args.data, seq_len=args.seq_len, top_k=args.top_k,
+                samples=(args.warmup + args.steps + 1) * args.batch_size, seed=args.seed, precision=args.precision,
+                progress=False,
+            )
+        )  # fmt: skip
         cache_s = time.perf_counter() - start
-        del teacher
 
         results = {}
         for mode in MODES:
             command = [sys.executable, __file__, "--mode", mode, "--cache", scratch, "--student", args.student,
                        "--teacher", args.teacher, "--batch-size", str(args.batch_size), "--seq-len",
-                       str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--precision", args.precision, "--chunk-size", str(args.chunk_size)]  # fmt: skip
+                       str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed",
+                       str(args.seed), "--precision", args.precision, "--chunk-size", str(args.chunk_size)]  # fmt: skip
             if args.data:
                 command += ["--data", *args.data]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -174,7 +160,7 @@ def main() -> None:
             )
 
     ce, online, cached, trl = (results[m] for m in MODES)
-    print(f"teacher cache of {len(data.train)} blocks (top-{args.top_k}) built in {cache_s:.1f} s")
+    print(f"teacher cache of {manifest['num_blocks']} blocks (top-{args.top_k}) built in {cache_s:.1f} s")
     print(json.dumps({
         "ce_tokens_per_s": ce["tokens_per_s"],
         "kd_online_tokens_per_s": online["tokens_per_s"],

@@ -271,15 +271,10 @@ def _teacher_buckets(teacher_logprobs: Tensor, vocab: int, temperature: float) -
     return F.log_softmax(torch.cat([t_top / temperature, t_tail], dim=-1), dim=-1)
 
 
-def _ce_with_grad(logits: Tensor, targets: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """[n, V] logits, [n] targets -> (CE sum, its gradient softmax - onehot [n, V] float32, or None)."""
-    if not need_grad:
-        return _ce_sum(logits, targets), None
-    x = _upcast(logits)
-    log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1]
-    ce = (log_z - x.gather(-1, targets[:, None])).sum()
+def _ce_grad(x: Tensor, log_z: Tensor, targets: Tensor) -> Tensor:
+    """[n, V] float32 logits, [n, 1] their logsumexp, [n] targets -> CE gradient softmax - onehot [n, V]."""
     grad = (x - log_z).exp_()  # [n, V]
-    return ce, grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
+    return grad.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=grad.dtype))
 
 
 def _divergence_grad(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float) -> tuple[Tensor, Tensor]:
@@ -310,7 +305,8 @@ def _dense_kd_with_grad(
 
 
 def _sparse_kd_with_grad(
-    logits: Tensor,
+    s: Tensor,
+    log_z: Tensor,
     teacher_ids: Tensor,
     teacher_logprobs: Tensor,
     kind: str,
@@ -324,7 +320,8 @@ def _sparse_kd_with_grad(
     dL/ds_j = -p_j·Σ_b g_b + g_k (j the k-th top id) or + g_tail·p_j / p_tail (j in the tail).
 
     Args:
-        logits: [n, V] student logits.
+        s: [n, V] float32 student logits / τ; overwritten (the softmax is computed in place).
+        log_z: [n, 1] logsumexp of s.
         teacher_ids: [n, K] teacher top-k ids.
         teacher_logprobs: [n, K] their teacher log-probs at τ = 1.
         kind: divergence kind.
@@ -336,9 +333,7 @@ def _sparse_kd_with_grad(
         (τ²·Σ divergence, [n, V] float32 gradient with respect to the logits).
     """
     ids = teacher_ids.long()
-    vocab = logits.shape[-1]
-    s = _upcast(logits) / temperature  # [n, V]
-    log_z = torch.logsumexp(s, dim=-1, keepdim=True)  # [n, 1]
+    vocab = s.shape[-1]
     log_q_top = s.gather(-1, ids) - log_z  # [n, K], in log space: no underflow for unlikely top ids
     p = s.sub_(log_z).exp_()  # [n, V] softmax, in place: s is not needed again
     p_top = log_q_top.exp()
@@ -527,7 +522,10 @@ def _chunk(
     t_hidden, t_head, t_ids, t_logprobs = teacher
     kind, temperature, beta, alpha, kd_weight, _ = options
     logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
-    ce, d_logits = _ce_with_grad(logits, targets, need_grad=with_grad and kd_weight < 1.0)
+    x = _upcast(logits)  # [n, V] float32: the logits themselves when they already are
+    log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1], shared by CE and, at τ = 1, the sparse KD
+    ce = (log_z - x.gather(-1, targets[:, None])).sum()
+    d_logits = _ce_grad(x, log_z, targets) if with_grad and kd_weight < 1.0 else None
     if kd_weight == 0.0:
         return (
             ce,
@@ -537,7 +535,11 @@ def _chunk(
     if t_ids is not None:
         if not with_grad:
             return ce, _sparse_kd_sum(logits, t_ids, t_logprobs, kind, temperature, beta, alpha), None
-        kd, d_kd = _sparse_kd_with_grad(logits, t_ids, t_logprobs, kind, temperature, beta, alpha)
+        if temperature != 1.0:
+            x = x / temperature
+            log_z = torch.logsumexp(x, dim=-1, keepdim=True)
+        # x is not read again: the KD softmax overwrites it (and the float32 logits it may be)
+        kd, d_kd = _sparse_kd_with_grad(x, log_z, t_ids, t_logprobs, kind, temperature, beta, alpha)
     else:
         teacher_logits = F.linear(t_hidden, t_head.to(t_hidden.dtype))  # [n, V]
         if not with_grad:
