@@ -534,35 +534,13 @@ RationaleSource = Literal["file", "llm", "gold", "none"]
 
 
 @dataclass
-class RationaleTrainConfig:
-    """`lmdistill rationales train`: multitask training of a student: `predict:` prompt -> label, `explain:` prompt ->
-    rationale; loss = L_label + lambda * L_rationale, each the mean cross-entropy over its own target tokens."""
+class RationaleTraining:
+    """The student and how it is trained: settings shared by `rationales train` and `rationales study`."""
 
     student: str | None = field(default=None, metadata={"help": "student: a Hugging Face directory, e.g. from init"})
-    out: str | None = field(default=None, metadata={"help": "run directory (required); the student lands in OUT/final"})
-    task: RationaleTask = field(
-        default="gsm-symbolic",
-        metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
-    )
-    split: Literal["train", "test", "valid"] = field(default="train", metadata={"help": "split to train on"})
-    data: str | None = field(
-        default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}
-    )
-    rationales: str | None = field(
-        default=None, metadata={"help": "JSON-lines file from `rationales extract` (--rationale-source file)"}
-    )
-    rationale_source: RationaleSource = field(
-        default="file",
-        metadata={
-            "help": "file: --rationales, matched by id; llm: the 540B model's chain-of-thought rationales (svamp, cqa;"
-            " Distilling step-by-step); gold: the data's own (gsm-symbolic, cqa, esnli); none: plain fine-tuning"
-        },
-    )
+    out: str | None = field(default=None, metadata={"help": "output directory (required)"})
     lambda_rationale: float = field(
         default=1.0, metadata={"help": "weight of the rationale loss (0: plain fine-tuning on labels)"}
-    )
-    template: str | None = field(
-        default=None, metadata={"help": "prompt template; unset: the task's own (the one extract used by default)"}
     )
     max_len: int = field(default=256, metadata={"help": "tokens per sequence; longer prompts lose their start"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out (at least one)"})
@@ -583,6 +561,63 @@ class RationaleTrainConfig:
     eval_every: int = field(default=0, metadata={"help": "held-out label loss every N steps (0: at the end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
+
+    def check_training(self) -> None:
+        """Range checks of the shared settings (the engine's own through a `TrainConfig`); call after the required
+        fields are checked."""
+        if self.lambda_rationale < 0:
+            raise LmdistillError(f"--lambda-rationale must be non-negative, got {self.lambda_rationale}")
+        if self.max_len < 2:
+            raise LmdistillError(f"--max-len must be at least 2, got {self.max_len}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 1 <= self.size <= 1_000_000 or self.data_seed < 0:
+            raise LmdistillError("--size must be in [1, 1000000] and --data-seed non-negative")
+        self.engine_config()  # the engine's own checks of the shared settings (steps, batch, lr, ...)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The fields of `RationaleTraining`, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RationaleTraining)}
+
+    def engine_config(self, **run: Any) -> TrainConfig:
+        """The training engine's settings (a `TrainConfig` validates them).
+
+        Args:
+            run: the engine's fields that are not shared settings (``seed``, ``resume``, ``fsdp``, ``progress``).
+        """
+        engine = {f.name for f in dataclasses.fields(TrainConfig)}
+        shared = {name: value for name, value in self.training_settings().items() if name in engine}
+        return TrainConfig(seq_len=self.max_len, **shared, **run)
+
+
+@dataclass
+class RationaleTrainConfig(RationaleTraining):
+    """`lmdistill rationales train`: multitask training of a student: `predict:` prompt -> label, `explain:` prompt ->
+    rationale; loss = L_label + lambda * L_rationale, each the mean cross-entropy over its own target tokens."""
+
+    out: str | None = field(default=None, metadata={"help": "run directory (required); the student lands in OUT/final"})
+    task: RationaleTask = field(
+        default="gsm-symbolic",
+        metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
+    )
+    split: Literal["train", "test", "valid"] = field(default="train", metadata={"help": "split to train on"})
+    data: str | None = field(
+        default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "train on only the first N examples of the split"})
+    rationales: str | None = field(
+        default=None, metadata={"help": "JSON-lines file from `rationales extract` (--rationale-source file)"}
+    )
+    rationale_source: RationaleSource = field(
+        default="file",
+        metadata={
+            "help": "file: --rationales, matched by id; llm: the 540B model's chain-of-thought rationales (svamp, cqa;"
+            " Distilling step-by-step); gold: the data's own (gsm-symbolic, cqa, esnli); none: plain fine-tuning"
+        },
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "prompt template; unset: the task's own (the one extract used by default)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the example order and anything random"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the student (FSDP2) instead of DDP"})
@@ -590,8 +625,8 @@ class RationaleTrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.lambda_rationale < 0:
-            raise LmdistillError(f"--lambda-rationale must be non-negative, got {self.lambda_rationale}")
+        if self.student is None or self.out is None:
+            raise LmdistillError("--student and --out are required")
         if self.rationale_source == "file" and self.rationales is None and self.lambda_rationale > 0:
             raise LmdistillError(
                 "--rationales FILE is required with --rationale-source file (or use --rationale-source llm, gold or "
@@ -599,30 +634,24 @@ class RationaleTrainConfig:
             )
         if self.rationale_source != "file" and self.rationales is not None:
             raise LmdistillError(f"--rationales applies to --rationale-source file, not {self.rationale_source}")
-        if self.max_len < 2:
-            raise LmdistillError(f"--max-len must be at least 2, got {self.max_len}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise LmdistillError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if not 1 <= self.size <= 1_000_000 or self.data_seed < 0:
-            raise LmdistillError("--size must be in [1, 1000000] and --data-seed non-negative")
+        if self.limit is not None and self.limit < 1:
+            raise LmdistillError(f"--limit must be at least 1, got {self.limit}")
         check_template(self.prompt_template, self.task)
         if self.task == "jsonl" and self.data is None:
             raise LmdistillError(JSONL_NEEDS_DATA)
         if self.task == "gsm-symbolic" and self.data is not None:
             raise LmdistillError(GSM_TAKES_NO_DATA)
-        self.engine_config()  # the engine's own checks of the shared settings (steps, batch, lr, ...)
+        self.check_training()
 
     @property
     def prompt_template(self) -> str:
         """--template, else the task's default template."""
         return self.template if self.template is not None else task_spec(self.task).template
 
-    def engine_config(self) -> TrainConfig:
+    def engine_config(self, **run: Any) -> TrainConfig:
         """The training engine's settings of this run (a `TrainConfig` validates them)."""
-        shared = ("student", "out", "max_steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
-                  "weight_decay", "grad_clip", "precision", "chunk_size", "val_fraction", "eval_every", "save_every",
-                  "log_every", "seed", "resume", "fsdp", "progress")  # fmt: skip
-        return TrainConfig(seq_len=self.max_len, **{name: getattr(self, name) for name in shared})
+        own = {"seed": self.seed, "resume": self.resume, "fsdp": self.fsdp, "progress": self.progress}
+        return super().engine_config(**{**own, **run})
 
 
 @dataclass
@@ -630,7 +659,13 @@ class RationaleEvalConfig:
     """`lmdistill rationales eval`: accuracy of a model on a task from the `predict:` prompt alone (choice scoring for
     multiple-choice tasks, else greedy decoding; SVAMP equations are evaluated and compared as numbers)."""
 
-    model: str | None = field(default=None, metadata={"help": "the model to evaluate: a Hugging Face directory"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "the model to evaluate: a Hugging Face directory, or a teacher ('default', a .gguf file; then "
+            "--out is required)"
+        },
+    )
     task: RationaleTask = field(
         default="gsm-symbolic",
         metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
@@ -655,6 +690,11 @@ class RationaleEvalConfig:
         check_types(self)
         if self.model is None:
             raise LmdistillError("--model is required: the model directory to evaluate")
+        if self.out is None and not Path(self.model).expanduser().is_dir():
+            raise LmdistillError(
+                f"--model {self.model} is not a model directory: to evaluate a teacher ('default', a .gguf file) give "
+                "--out FILE, the JSON file to write the results to"
+            )
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

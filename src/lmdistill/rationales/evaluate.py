@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lmdistill.config import RationaleEvalConfig
 from lmdistill.errors import LmdistillError
-from lmdistill.models.load import load_hf_directory
+from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
 from lmdistill.rationales.extract import teacher_answers
 from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
@@ -28,17 +28,26 @@ from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
 def run_rationale_eval(config: RationaleEvalConfig) -> dict[str, Any]:
     """Answer every example of a task split with ``config.model`` and score the answers.
 
+    ``config.model`` is a Hugging Face directory, or a teacher spec loaded with `load_teacher` (``default``, a
+    ``.gguf`` file): the teacher's accuracy on the same prompts.
+
     Returns:
-        ``accuracy``, ``correct``, ``total``, ``predictions`` (``id``, ``answer``, ``label``, ``correct`` per
-        example), ``seconds``, the config and the environment; also written to ``config.out`` (default
+        ``accuracy``, ``correct``, ``total``, ``model_name``, ``predictions`` (``id``, ``answer``, ``label``,
+        ``correct`` per example), ``seconds``, the config and the environment; also written to ``config.out`` (default
         ``MODEL/rationales_eval.json``), whose path is added as ``written_to``.
     """
     examples = load_task(
         config.task, config.split, data=config.data, size=config.size, seed=config.seed, limit=config.limit
     )
-    model, tokenizer, _ = load_hf_directory(Path(config.model), torch.float32)
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        model, tokenizer, _ = load_hf_directory(path, torch.float32)
+        name = config.model
+    else:  # a teacher spec: 'default', a .gguf file (converted once), a hub id
+        teacher = load_teacher(config.model)
+        model, tokenizer, name = teacher.model, teacher.tokenizer, teacher.name
     if tokenizer.eos_token_id is None:
-        raise LmdistillError(f"the tokenizer of {config.model} has no end-of-sequence token")
+        raise LmdistillError(f"the tokenizer of {name} has no end-of-sequence token")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     predictions = []
@@ -57,6 +66,7 @@ def run_rationale_eval(config: RationaleEvalConfig) -> dict[str, Any]:
     correct = sum(p["correct"] for p in predictions)
     results: dict[str, Any] = {
         "model": config.model,
+        "model_name": name,
         "task": config.task,
         "split": config.split,
         "accuracy": correct / len(predictions),

@@ -272,6 +272,7 @@ def build_data(
         "task": config.task,
         "split": config.split,
         "data": config.data,
+        "limit": config.limit,
         "template": template,
         "rationale_source": config.rationale_source,
         "rationales": config.rationales,
@@ -300,7 +301,9 @@ def run_rationale_train(config: RationaleTrainConfig) -> dict[str, Any]:
     Returns:
         The engine's summary (steps, tokens, held-out label loss, ``final`` directory), plus ``data`` (the manifest).
     """
-    examples = load_task(config.task, config.split, data=config.data, size=config.size, seed=config.data_seed)
+    examples = load_task(
+        config.task, config.split, data=config.data, size=config.size, seed=config.data_seed, limit=config.limit
+    )
     rationales = rationale_targets(examples, config)
     built: dict[str, RationaleTrainData] = {}
 
