@@ -22,6 +22,7 @@ from lmdistill.config import (
     InitConfig,
     RationaleEvalConfig,
     RationaleExtractConfig,
+    RationaleStudyConfig,
     RationaleTrainConfig,
     StudyConfig,
     TrainConfig,
@@ -117,6 +118,15 @@ def _rationales_eval(config: RationaleEvalConfig) -> None:
     )
 
 
+def _rationales_study(config: RationaleStudyConfig) -> None:
+    from lmdistill.rationales.report import accuracy_tables
+    from lmdistill.rationales.study import run_rationale_study
+
+    results = run_rationale_study(config)
+    out = results["written_to"]
+    print(f"\n{accuracy_tables(results)}\n\nreport: {out}/report.md (plot: {out}/accuracy_vs_k.png)")
+
+
 # name -> (config dataclass, run function, one-line description)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "init": (InitConfig, _init, "initialize a student from a teacher (random, weight-selection, guide, guide-all)"),
@@ -139,6 +149,11 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
         RationaleEvalConfig,
         _rationales_eval,
         "accuracy from the predict: prompt alone (choice scoring or greedy answers; SVAMP equations evaluated)",
+    ),
+    "rationales study": (
+        RationaleStudyConfig,
+        _rationales_study,
+        "fine-tuning vs saliency rationales (each k) vs step-by-step vs gold, with seeds: results, report, plot",
     ),
 }
 

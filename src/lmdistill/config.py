@@ -712,3 +712,189 @@ class RationaleEvalConfig:
     def prompt_template(self) -> str:
         """--template, else the task's default template."""
         return self.template if self.template is not None else task_spec(self.task).template
+
+
+RATIONALE_STUDY_TASKS = ("svamp", "cqa", "gsm-symbolic")
+# arm -> (rationale source of its runs, the study tasks it applies to); the order is the report's
+RATIONALE_STUDY_ARMS: dict[str, tuple[RationaleSource, tuple[str, ...]]] = {
+    "finetune": ("none", RATIONALE_STUDY_TASKS),
+    "saliency": ("file", RATIONALE_STUDY_TASKS),
+    "step-by-step": ("llm", ("svamp", "cqa")),  # the 540B model's chain-of-thought rationales in the shared data
+    "gold": ("gold", ("cqa", "gsm-symbolic")),  # the data's own: CQA's explanations, gsm-symbolic's solution steps
+}
+SALIENCY_ARM_PREFIX = "saliency-k"
+
+
+@dataclass
+class RationaleStudyConfig(RationaleTraining):
+    """`lmdistill rationales study`: on each task the same student trained on labels alone (finetune), with the
+    teacher's top-k saliency rationales (saliency-k<K> for every k), with the 540B model's chain-of-thought rationales
+    (step-by-step: svamp, cqa) and with the data's own (gold: cqa, gsm-symbolic), every arm with every seed; all
+    evaluated on the test split beside the teacher; results.json, report.md, accuracy_vs_k.png."""
+
+    student: str | None = field(
+        default=None, metadata={"help": "the student every run starts from: a Hugging Face directory (required)"}
+    )
+    out: str | None = field(default=None, metadata={"help": "study directory (required)"})
+    teacher: str = field(
+        default="default",
+        metadata={"help": "teacher (saliency rationales and the reference accuracy): HF directory, .gguf or 'default'"},
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: ["svamp", "cqa"], metadata={"help": f"tasks; known: {', '.join(RATIONALE_STUDY_TASKS)}"}
+    )
+    arms: list[str] = field(
+        default_factory=lambda: list(RATIONALE_STUDY_ARMS),
+        metadata={
+            "help": "finetune (labels only), saliency (one arm per --saliency-ks), step-by-step (svamp, cqa), gold "
+            "(cqa, gsm-symbolic); an arm runs on the tasks it applies to"
+        },
+    )
+    saliency_ks: list[int] = field(
+        default_factory=lambda: [1, 3, 5, 7, 10], metadata={"help": "rationale words per example of the saliency arms"}
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds (example order) of every arm"}
+    )
+    method: AttributionMethod = field(default="saliency", metadata={"help": "attribution method of the rationales"})
+    reduction: Literal["l1", "l2"] = field(
+        default="l1", metadata={"help": "norm of the attribution over the embedding dimension"}
+    )
+    ig_steps: int = field(default=20, metadata={"help": "integration steps of integrated-gradients"})
+    stop_words: bool = field(default=True, metadata={"help": "leave English stop words out of rationales"})
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy answer length limit (tasks without choices)"})
+    choice_score: Literal["sum", "mean"] = field(
+        default="sum", metadata={"help": "choices compete by total or per-token log-probability"}
+    )
+    train_limit: int | None = field(
+        default=None, metadata={"help": "extract rationales for and train on only the first N training examples"}
+    )
+    test_limit: int | None = field(default=None, metadata={"help": "evaluate on only the first N test examples"})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "keep each finished run's checkpoints (else removed once it is evaluated; final/ stays)"},
+    )
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted study; finished runs are kept"})
+    report_only: bool = field(
+        default=False,
+        metadata={"help": "write results, report and plot from the runs finished so far, without training"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.out is None:
+            raise LmdistillError("--out is required: the directory to write the study to")
+        if self.student is None:
+            raise LmdistillError("--student is required: the Hugging Face directory every run starts from")
+        for name, known in (("tasks", RATIONALE_STUDY_TASKS), ("arms", tuple(RATIONALE_STUDY_ARMS))):
+            values = getattr(self, name)
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise LmdistillError(f"--{name}: unknown {name} {unknown}; known: {', '.join(known)}")
+            if not values or len(set(values)) < len(values):
+                raise LmdistillError(f"--{name} must name distinct {name}, at least one, got {values}")
+        for arm in self.arms:
+            applies = RATIONALE_STUDY_ARMS[arm][1]
+            if not set(applies) & set(self.tasks):
+                raise LmdistillError(
+                    f"--arms {arm} applies to none of --tasks {' '.join(self.tasks)} (only to {', '.join(applies)})"
+                )
+        ks = self.saliency_ks
+        if ("saliency" in self.arms and not ks) or (ks and min(ks) < 1) or len(set(ks)) < len(ks):
+            raise LmdistillError(f"--saliency-ks must be distinct positive word counts, got {ks}")
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) < len(self.seeds):
+            raise LmdistillError(f"--seeds must be distinct non-negative seeds, got {self.seeds}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        self.check_training()
+        # the stages' own checks, once, so that their errors come before any work
+        task = self.tasks[0]
+        self.train_config(task, "finetune", self.seeds[0], out="run")
+        self.eval_config(task, model="model", out="eval.json")
+        if "saliency" in self.arms:
+            self.extract_config(task, out="rationales.jsonl")
+
+    def arm_names(self, task: str) -> list[str]:
+        """The arms run on ``task``: finetune, saliency-k<K> for every k (ascending), step-by-step, gold, as far as
+        they are in --arms and apply to the task."""
+        names: list[str] = []
+        for arm, (_, tasks) in RATIONALE_STUDY_ARMS.items():
+            if arm in self.arms and task in tasks:
+                names += [f"{SALIENCY_ARM_PREFIX}{k}" for k in sorted(self.saliency_ks)] if arm == "saliency" else [arm]
+        return names
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """Every (task, arm, seed) of the study, seed by seed, so that an interrupted study already holds whole
+        comparisons at its first seeds."""
+        return [(task, arm, seed) for seed in self.seeds for task in self.tasks for arm in self.arm_names(task)]
+
+    @staticmethod
+    def saliency_k(arm: str) -> int | None:
+        """The k of a saliency arm (``saliency-k5`` -> 5); None for the other arms."""
+        return int(arm.removeprefix(SALIENCY_ARM_PREFIX)) if arm.startswith(SALIENCY_ARM_PREFIX) else None
+
+    @staticmethod
+    def rationale_source(arm: str) -> RationaleSource:
+        """The `rationales train --rationale-source` of an arm's runs."""
+        return "file" if arm.startswith(SALIENCY_ARM_PREFIX) else RATIONALE_STUDY_ARMS[arm][0]
+
+    def extract_config(self, task: str, *, out: str) -> RationaleExtractConfig:
+        """The extraction of a task's saliency rationales: the training examples, at the largest k, in score order
+        (so that the first k words of each record are its top-k rationale for every smaller k)."""
+        return RationaleExtractConfig(
+            teacher=self.teacher,
+            task=task,
+            split="train",
+            out=out,
+            k=max(self.saliency_ks),
+            method=self.method,
+            reduction=self.reduction,
+            order="score",
+            stop_words=self.stop_words,
+            limit=self.train_limit,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            choice_score=self.choice_score,
+            ig_steps=self.ig_steps,
+            size=self.size,
+            seed=self.data_seed,
+            progress=self.progress,
+        )
+
+    def train_config(
+        self, task: str, arm: str, seed: int, *, out: str, rationales: str | None = None, resume: bool = False
+    ) -> RationaleTrainConfig:
+        """The `rationales train` settings of one run (finetune: λ = 0; a saliency arm reads ``rationales``)."""
+        source = self.rationale_source(arm)
+        settings = {**self.training_settings(), "out": out}
+        if source == "none":
+            settings["lambda_rationale"] = 0.0
+        return RationaleTrainConfig(
+            **settings,
+            task=task,
+            split="train",
+            limit=self.train_limit,
+            rationales=rationales if source == "file" else None,
+            rationale_source=source,
+            seed=seed,
+            resume=resume,
+            progress=self.progress,
+        )
+
+    def eval_config(self, task: str, *, model: str, out: str) -> RationaleEvalConfig:
+        """The `rationales eval` settings of a model (a run's student or the teacher) on a task's test split."""
+        return RationaleEvalConfig(
+            model=model,
+            task=task,
+            split="test",
+            limit=self.test_limit,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            choice_score=self.choice_score,
+            size=self.size,
+            seed=self.data_seed,
+            out=out,
+            progress=self.progress,
+        )

@@ -26,7 +26,8 @@ ARM_DESCRIPTIONS = {
 }
 
 
-def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 3) -> str:
+def plus_minus(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± std`` scaled and rounded; the mean alone when std is None, ``—`` when mean is None."""
     if mean is None:
         return "—"
     text = f"{mean * scale:.{digits}f}"
@@ -43,11 +44,11 @@ def headline_table(results: dict[str, Any]) -> str:
     for name, arm in results["arms"].items():
         rows.append(
             f"| `{name}` | {ARM_DESCRIPTIONS[name]} | {len(arm['seeds'])} "
-            f"| {_pm(arm['val_loss'], arm['val_loss_std'])} "
-            f"| {_pm(arm['val_ppl'], arm['val_ppl_std'], digits=1)} "
-            f"| {_pm(arm['gap_closed_loss'], arm['gap_closed_loss_std'], 100, 1)}"
+            f"| {plus_minus(arm['val_loss'], arm['val_loss_std'])} "
+            f"| {plus_minus(arm['val_ppl'], arm['val_ppl_std'], digits=1)} "
+            f"| {plus_minus(arm['gap_closed_loss'], arm['gap_closed_loss_std'], 100, 1)}"
             f"{'' if arm['gap_closed_loss'] is None else ' %'} "
-            f"| {_pm(arm['gap_closed_ppl'], arm['gap_closed_ppl_std'], 100, 1)}"
+            f"| {plus_minus(arm['gap_closed_ppl'], arm['gap_closed_ppl_std'], 100, 1)}"
             f"{'' if arm['gap_closed_ppl'] is None else ' %'} "
             f"| {arm['step0_val_loss']:.2f} | {arm['tokens']:,} | {arm['seconds'] / 60:.1f} min |"
         )

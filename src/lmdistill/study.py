@@ -60,19 +60,29 @@ def _finished(run: Path) -> dict[str, Any] | None:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
-def _check_resumable(config: StudyConfig, out: Path) -> None:
+# Settings that never change a study's results: how it is launched, where it is written.
+LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out")
+
+
+def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
+    """Refuse to write a study into a directory that holds one, unless ``config.resume``; with it, refuse settings
+    that differ from the saved ``study_config.yaml``, except the lists in ``growable`` (arms, seeds, ... that may be
+    added) and `LAUNCH_SETTINGS` and ``ignored`` (settings that do not shape results).
+
+    Args:
+        config: a study config dataclass with ``resume`` and the `LAUNCH_SETTINGS` fields.
+        out: the study directory.
+        growable: fields whose values may change between runs of the study.
+        ignored: further fields that do not shape results.
+    """
     saved = out / "study_config.yaml"
     if not saved.exists():
         return
     if not config.resume:
         raise LmdistillError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
-    previous = load_yaml(saved, StudyConfig)
-    current = {k: v for k, v in vars(config).items() if k not in ("resume", "report_only", "progress", "out")}
-    changed = sorted(
-        k
-        for k, v in current.items()
-        if previous.get(k) != v and k not in ("arms", "ablations", "seeds", "ablation_seeds")
-    )
+    previous = load_yaml(saved, type(config))
+    skip = set(LAUNCH_SETTINGS) | set(growable) | set(ignored)
+    changed = sorted(k for k, v in vars(config).items() if k not in skip and previous.get(k) != v)
     if changed:
         raise LmdistillError(
             f"--resume: the study in {out} was run with different {', '.join(changed)}; its runs would not be "
@@ -138,7 +148,7 @@ def _curve(run: Path) -> list[dict[str, float]]:
     ]
 
 
-def _spread(values: list[float]) -> float | None:
+def spread(values: list[float]) -> float | None:
     """Sample standard deviation over seeds; None for a single seed."""
     return statistics.stdev(values) if len(values) > 1 else None
 
@@ -196,7 +206,7 @@ def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) ->
         for key in ("val_loss", "val_ppl", "gap_closed_loss", "gap_closed_ppl", "step0_val_loss", "seconds"):
             values = [r[key] for r in runs]
             summary[key] = None if None in values else statistics.mean(values)
-            summary[f"{key}_std"] = None if None in values else _spread(values)
+            summary[f"{key}_std"] = None if None in values else spread(values)
         summary.update(seeds=[r["seed"] for r in runs], tokens=runs[0]["tokens"], per_seed=runs)
         arms[arm_name] = summary
     first_student = student_dir(out, STUDY_ARMS[next(iter(per_run))], per_run[next(iter(per_run))][0]["seed"])
@@ -245,7 +255,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     out = Path(config.out)
     if config.report_only:
         return write_results(config, out, partial=True)
-    _check_resumable(config, out)
+    check_resumable(config, out, growable=("arms", "ablations", "seeds", "ablation_seeds"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.yaml").write_text(to_yaml(config))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")

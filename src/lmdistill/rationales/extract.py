@@ -29,6 +29,7 @@ from lmdistill.models.load import load_teacher
 from lmdistill.rationales.attribution import answer_attributions, choose, generate
 from lmdistill.rationales.tasks import Example, continuation, is_correct, load_task, render_prompt
 from lmdistill.rationales.words import rationale_text, select_words, split_words, word_scores
+from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,44 @@ def extract_batch(
             }
         )
     return records
+
+
+def first_words(record: dict[str, Any], k: int) -> dict[str, Any]:
+    """A record cut to its first ``k`` rationale words, ``rationale`` rebuilt from them.
+
+    For records extracted with ``--order score`` this is exactly the record an extraction with ``--k k`` writes: the
+    selection sorts every candidate word by score before keeping the best ones, so smaller k give prefixes.
+    """
+    words = record["words"][:k]
+    return {**record, "words": words, "rationale": rationale_text([(word, score) for word, score in words])}
+
+
+def write_first_words(source: Path, out: Path, k: int) -> int:
+    """Write the records of the rationale file ``source`` cut to their first ``k`` words (`first_words`) to ``out``,
+    atomically, with the settings file an extraction with ``--k k`` would have written beside it.
+
+    Returns:
+        The number of records written.
+
+    Raises:
+        LmdistillError: ``source`` has no settings file, was extracted with ``--order input`` (its words are not in
+            score order) or with fewer than ``k`` words per record.
+    """
+    path = settings_path(source)
+    if not path.is_file():
+        raise LmdistillError(f"{source} has no settings file {path}: cannot tell how it was extracted")
+    settings = yaml.safe_load(path.read_text())
+    if settings.get("order") != "score" or settings.get("k", 0) < k:
+        raise LmdistillError(
+            f"{source} was extracted with --order {settings.get('order')} --k {settings.get('k')}: its first {k} words "
+            f"are the top-{k} rationale only with --order score and --k {k} or more"
+        )
+    records = [first_words(r, k) for r in read_records(source)]
+    with staged(settings_path(out), directory=False) as staging:  # first: records never lack their settings
+        staging.write_text(yaml.safe_dump({**settings, "out": str(out), "k": k}, sort_keys=False))
+    with staged(out, directory=False) as staging:
+        staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return len(records)
 
 
 def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:

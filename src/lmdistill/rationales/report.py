@@ -1,0 +1,149 @@
+"""A rationale study's report: `report.md` (per task a table of arms, the teacher and the share of rationale words
+found in the answer) and `accuracy_vs_k.png` (saliency accuracy against k beside the other arms and the teacher)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lmdistill.report import plus_minus  # noqa: E402
+
+TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic"}
+ARM_DESCRIPTIONS = {
+    "finetune": "none: fine-tuning on labels",
+    "saliency": "the teacher's top-{k} saliency words",
+    "step-by-step": "the 540B model's chain of thought (Distilling step-by-step)",
+    "gold": "the data's own rationales",
+}
+LINE_STYLES = {"finetune": ":", "step-by-step": "-.", "gold": (0, (5, 2, 1, 2))}
+
+
+def _describe(name: str, arm: dict[str, Any]) -> str:
+    if arm["k"] is not None:
+        return ARM_DESCRIPTIONS["saliency"].format(k=arm["k"])
+    return ARM_DESCRIPTIONS[name]
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def task_table(task: dict[str, Any]) -> str:
+    """The Markdown table of one task: per arm its rationale targets, k, accuracy (%, mean ± sample std over seeds),
+    the accuracy of each seed and the seeds; the teacher last."""
+    rows = [
+        "| arm | rationale targets | k | accuracy (%) | per seed | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, arm in task["arms"].items():
+        per_seed = ", ".join(_percent(r["accuracy"]) for r in arm["per_seed"])
+        rows.append(
+            f"| `{name}` | {_describe(name, arm)} | {arm['k'] if arm['k'] is not None else '—'} "
+            f"| {plus_minus(arm['accuracy_mean'], arm['accuracy_std'], 100, 1)} | {per_seed} | {len(arm['seeds'])} |"
+        )
+    teacher = task["teacher"]
+    if teacher is not None:
+        rows.append(
+            f"| teacher | {teacher['model_name']} | — | {_percent(task['teacher_accuracy'])} "
+            f"({teacher['correct']} of {teacher['total']}) | — | — |"
+        )
+    return "\n".join(rows)
+
+
+def word_share_line(task: dict[str, Any]) -> str | None:
+    """One sentence: the share of rationale words that occur in the gold answer or a choice, per k."""
+    shares = task["rationale_word_share"]
+    if not shares:
+        return None
+    values = ", ".join(f"k = {k}: {_percent(v)}%" for k, v in shares.items())
+    return (
+        f"Saliency rationale words that occur in the gold answer or one of the choices (whole words, any case; "
+        f"{task['rationale_records']} training examples): {values}. The teacher's answers were right on "
+        f"{_percent(task['train_teacher_accuracy'])}% of these examples (the rationales explain its own answer)."
+    )
+
+
+def accuracy_tables(results: dict[str, Any]) -> str:
+    """Every task's table under a heading (what the command prints)."""
+    return "\n\n".join(
+        f"{TASK_NAMES.get(name, name)}:\n\n{task_table(task)}" for name, task in results["tasks"].items()
+    )
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    """Write `report.md`: the setup in a paragraph, per task the table and the rationale-word share, the plot."""
+    config, env = results["config"], results["environment"]
+    device = env["gpu"] or f"CPU ({env['cpu_threads']} threads)"
+    commit = (env["git"]["commit"] or "unknown")[:10]
+    seeds = config["seeds"]
+    train = "every training example" if config["train_limit"] is None else f"the first {config['train_limit']}"
+    test = "every test example" if config["test_limit"] is None else f"the first {config['test_limit']}"
+    stop = "stop words left out" if config["stop_words"] else "stop words kept"
+    setup = (
+        f"**Setup.** Teacher: {config['teacher']}. Student: `{config['student']}`; every run starts from it and "
+        f"trains for {config['max_steps']} steps of {config['batch_size']} examples × {config['grad_accum']} "
+        f"micro-batch(es) on {train} of the task's training split (a share of {config['val_fraction']} held out for "
+        f"the label loss), with AdamW (lr {config['lr']}, {config['warmup_steps']} warmup steps, cosine decay to "
+        f"{config['min_lr_ratio']}× lr, weight decay {config['weight_decay']}, clipping at {config['grad_clip']}) on "
+        f"L_label + λ · L_rationale with λ = {config['lambda_rationale']} (`finetune`: λ = 0), sequences of at most "
+        f"{config['max_len']} tokens. Arms differ only in the rationale targets. Saliency rationales: the teacher's "
+        f"answer attributed to its input with {config['method']} ({config['reduction']} norm over the embedding), "
+        f"the top-k words ({stop}), extracted once at the largest k in score order, the smaller k being each "
+        f"record's first k words. Seeds ({', '.join(map(str, seeds))}) change the order of the examples. Accuracy "
+        f"on {test} of the test split from the `predict:` prompt alone (choice scoring with multiple choice, greedy "
+        f"answers of at most {config['max_new_tokens']} tokens otherwise, SVAMP equations evaluated), the teacher's "
+        "with the same prompts and code; ± is the sample standard deviation over seeds (none with one seed). Ran on "
+        f"{device}, torch {env['torch']}, lmdistill {env['lmdistill']} (commit {commit})."
+    )
+    if results["runs_finished"] < results["runs_planned"]:
+        setup += (
+            f"\n\n**Partial results:** {results['runs_finished']} of the {results['runs_planned']} planned runs have "
+            "finished; each arm shows the seeds finished so far."
+        )
+    sections = [f"# Rationale study: {config['teacher']} → `{config['student']}`", setup]
+    for name, task in results["tasks"].items():
+        sections.append(f"## {TASK_NAMES.get(name, name)}")
+        sections.append(task_table(task))
+        line = word_share_line(task)
+        if line:
+            sections.append(line)
+    sections.append("![test accuracy against the number k of saliency rationale words](accuracy_vs_k.png)")
+    path.write_text("\n\n".join(sections) + "\n")
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """Write `accuracy_vs_k.png`: per task, the saliency arms' accuracy against k (error bars: std over seeds, where
+    several), the other arms and the teacher as horizontal lines."""
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), dpi=120, squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (name, task) in zip(axes[0], tasks.items()):
+        saliency = sorted((arm["k"], arm) for arm in task["arms"].values() if arm["k"] is not None)
+        if saliency:
+            ks = [k for k, _ in saliency]
+            means = [100 * arm["accuracy_mean"] for _, arm in saliency]
+            errors = [math.nan if arm["accuracy_std"] is None else 100 * arm["accuracy_std"] for _, arm in saliency]
+            ax.errorbar(ks, means, yerr=errors, marker="o", capsize=4, color=colors(0), label="saliency rationales")
+            ax.set_xticks(ks)
+        for i, arm_name in enumerate(("finetune", "step-by-step", "gold"), start=1):
+            if arm_name in task["arms"]:
+                value = 100 * task["arms"][arm_name]["accuracy_mean"]
+                ax.axhline(value, color=colors(i), linestyle=LINE_STYLES[arm_name], label=f"{arm_name} ({value:.1f})")
+        if task["teacher_accuracy"] is not None:
+            value = 100 * task["teacher_accuracy"]
+            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({value:.1f})")
+        ax.set_title(TASK_NAMES.get(name, name))
+        ax.set_xlabel("k (saliency rationale words per example)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Student accuracy against k (mean over seeds; error bars: std, where several)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
