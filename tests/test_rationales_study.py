@@ -1,0 +1,350 @@
+"""`rationales study`: arms and runs, smaller k as prefixes of one extraction, the rationale-word share, a tiny study
+through the command line (results, report, plot), resume, refusals, and `rationales eval` of a teacher spec."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import save_tiny_teacher
+
+from lmdistill.cli import main
+from lmdistill.config import RationaleExtractConfig, RationaleStudyConfig, StudyConfig, load_yaml
+from lmdistill.errors import LmdistillError
+from lmdistill.rationales import evaluate as evaluate_module
+from lmdistill.rationales import study as study_module
+from lmdistill.rationales.extract import read_records, run_extract, write_first_words
+from lmdistill.rationales.study import rationale_file, rationale_word_share, run_dir, task_dir, word_in
+from lmdistill.rationales.tasks import SHARED_DATA_ENV, Example, load_task
+from lmdistill.study import check_resumable
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Words of the tiny tokenizer (conftest.WORDS, single letters, digits), in the shared data's formats.
+SVAMP_TRAIN = [
+    {"input": "it was 3 and 4 on the b", "label": "( 3.0 + 4.0 )"},
+    {"input": "x had 9 and lost 2", "label": "( 9.0 - 2.0 )"},
+    {"input": "7 rows of 5 c", "label": "( 7.0 * 5.0 )"},
+    {"input": "8 d in 2 e", "label": "( 8.0 / 2.0 )"},
+    {"input": "q is 6 and r is 1", "label": "( 6.0 + 1.0 )"},
+    {"input": "from 5 take 3 f", "label": "( 5.0 - 3.0 )"},
+]
+SVAMP_TEST = [
+    {"input": "it is 2 and 2", "label": "( 2.0 + 2.0 )"},
+    {"input": "6 g by 3", "label": "( 6.0 / 3.0 )"},
+]
+SVAMP_COT = [f"{r['input']} so it is {r['label']} . The answer is {r['label']}" for r in SVAMP_TRAIN]
+
+
+def cqa_row(i: int, question: str, choices: list[str], answer: str) -> dict:
+    return {
+        "id": f"c{i}",
+        "question": question,
+        "choices": choices,
+        "answer": answer,
+        "abstractive_explanation": f"{answer} is the one",
+    }
+
+
+CQA_TRAIN = [
+    cqa_row(0, "where is the b of the c", ["b", "c", "d"], "c"),
+    cqa_row(1, "what is x to y", ["x", "y"], "y"),
+    cqa_row(2, "this is a test of the h", ["h", "k", "m"], "h"),
+    cqa_row(3, "it was on the n by the p", ["n", "p"], "n"),
+    cqa_row(4, "be at the r from the s", ["r", "s", "t"], "t"),
+    cqa_row(5, "w and v are u", ["u", "v", "w"], "u"),
+]
+CQA_TEST = [cqa_row(10, "the b is in c", ["b", "c"], "b"), cqa_row(11, "x y z", ["x", "z", "y"], "z")]
+CQA_COT = [f"{r['question']} . So the answer is ({r['answer']}) {r['answer']}" for r in CQA_TRAIN]
+
+TINY = {
+    "tasks": ["svamp", "cqa"],
+    "saliency_ks": [1, 2],
+    "seeds": [0],
+    "max_steps": 2,
+    "batch_size": 2,
+    "lr": 1e-3,
+    "val_fraction": 0.2,
+    "max_new_tokens": 3,
+    "log_every": 1,
+    "precision": "fp32",
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def made_up_shared_data(root: Path) -> Path:
+    for task, train, test, cot in (
+        ("svamp", SVAMP_TRAIN, SVAMP_TEST, SVAMP_COT),
+        ("cqa", CQA_TRAIN, CQA_TEST, CQA_COT),
+    ):
+        write_jsonl(root / task / f"{task}_train.json", train)
+        write_jsonl(root / task / f"{task}_test.json", test)
+        (root / task / "llm").mkdir()
+        (root / task / "llm" / "train_CoT_0.json").write_text(json.dumps(cot))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A tiny teacher and student, made-up SVAMP and CQA data as the shared data, and a study config file."""
+    root = tmp_path_factory.mktemp("rstudy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SHARED_DATA_ENV, str(made_up_shared_data(root / "reasoning")))
+        save_tiny_teacher(root / "teacher")
+        save_tiny_teacher(root / "student", num_hidden_layers=2)
+        config = dict(TINY, teacher=str(root / "teacher"), student=str(root / "student"))
+        (root / "study.yaml").write_text(yaml.safe_dump(config))
+        yield root
+
+
+def study(ws: Path, out: str, *args) -> int:
+    return main(["rationales", "study", "--config", str(ws / "study.yaml"), "--out", str(ws / out), "--no-progress",
+                 *map(str, args)])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_study(ws):
+    """The tiny study, run once through the command line."""
+    assert study(ws, "study") == 0
+    return ws / "study"
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+def test_arms_expand_per_task_and_runs_go_seed_by_seed():
+    config = RationaleStudyConfig(out="x", student="s", tasks=["svamp", "cqa", "gsm-symbolic"], saliency_ks=[5, 1])
+    assert config.arm_names("svamp") == ["finetune", "saliency-k1", "saliency-k5", "step-by-step"]
+    assert config.arm_names("cqa") == ["finetune", "saliency-k1", "saliency-k5", "step-by-step", "gold"]
+    assert config.arm_names("gsm-symbolic") == ["finetune", "saliency-k1", "saliency-k5", "gold"]
+    runs = config.runs()
+    assert len(runs) == 3 * (4 + 5 + 4) and runs[0] == ("svamp", "finetune", 0) and runs[13] == ("svamp", "finetune", 1)
+    assert [seed for _, _, seed in runs] == sorted(seed for _, _, seed in runs)
+    assert [config.saliency_k(a) for a in config.arm_names("cqa")] == [None, 1, 5, None, None]
+    assert [config.rationale_source(a) for a in config.arm_names("cqa")] == ["none", "file", "file", "llm", "gold"]
+    train = config.train_config("cqa", "finetune", 2, out="r")
+    assert (train.rationale_source, train.lambda_rationale, train.seed, train.rationales) == ("none", 0.0, 2, None)
+    train = config.train_config("cqa", "saliency-k5", 0, out="r", rationales="k5.jsonl")
+    assert (train.rationale_source, train.lambda_rationale, train.rationales) == ("file", 1.0, "k5.jsonl")
+    extract = config.extract_config("svamp", out="k.jsonl")
+    assert (extract.k, extract.order, extract.split) == (5, "score", "train")
+    assert config.eval_config("svamp", model="m", out="e.json").split == "test"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arms": ["finetune", "salience"]}, r"unknown arms \['salience'\]"),
+        ({"tasks": ["anli1"]}, r"unknown tasks \['anli1'\]"),
+        ({"saliency_ks": [0, 3]}, "distinct positive word counts"),
+        ({"saliency_ks": [3, 3]}, "distinct positive word counts"),
+        ({"tasks": ["gsm-symbolic"], "arms": ["finetune", "step-by-step"]}, "step-by-step applies to none of --tasks"),
+        ({"tasks": ["svamp"], "arms": ["gold"]}, "gold applies to none of --tasks svamp"),
+        ({"seeds": [1, 1]}, "distinct non-negative seeds"),
+        ({"train_limit": 0}, "--train-limit must be at least 1"),
+        ({"max_steps": 0}, "--max-steps must be at least 1"),
+        ({"student": None}, "--student is required"),
+    ],
+)
+def test_invalid_study_configs_are_refused(overrides, message):
+    with pytest.raises(LmdistillError, match=message):
+        RationaleStudyConfig(**{"out": "x", "student": "s", **overrides})
+
+
+def test_the_shipped_config_loads():
+    config = RationaleStudyConfig(**load_yaml(ROOT / "configs" / "rationales-svamp-cqa.yaml", RationaleStudyConfig))
+    assert config.tasks == ["svamp", "cqa"] and config.seeds == [0, 1, 2] and config.saliency_ks == [1, 3, 5, 7, 10]
+    assert config.arms == ["finetune", "saliency", "step-by-step", "gold"] and config.teacher == "default"
+    assert (config.max_steps, config.batch_size, config.lr, config.method) == (300, 8, 1e-3, "saliency")
+    assert config.arm_names("svamp")[-1] == "step-by-step" and config.arm_names("cqa")[-1] == "gold"
+    assert len(config.runs()) == 3 * (7 + 8)
+
+
+def test_check_resumable_lets_only_the_growable_lists_change(tmp_path):
+    config = StudyConfig(out=str(tmp_path), arms=["random"], seeds=[0])
+    (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(vars(config)))
+    grown = StudyConfig(out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], resume=True)
+    check_resumable(grown, tmp_path, growable=("arms", "seeds"))
+    with pytest.raises(LmdistillError, match="different arms"):
+        check_resumable(grown, tmp_path, growable=("seeds",))
+    with pytest.raises(LmdistillError, match="pass --resume"):
+        check_resumable(StudyConfig(out=str(tmp_path)), tmp_path, growable=("arms", "seeds"))
+
+
+# ---------------------------------------------------------------------------------------------------- rationales
+
+
+def test_smaller_k_as_prefixes_equal_a_direct_extraction(ws, tmp_path):
+    """The study extracts once at the largest k: each smaller k is each record's first k words, exactly what an
+    extraction at that k writes (scores, rationale text and all)."""
+    for task in ("svamp", "cqa"):
+        common = dict(teacher=str(ws / "teacher"), task=task, max_new_tokens=3, batch_size=4, progress=False)
+        largest = tmp_path / f"{task}-k4.jsonl"
+        run_extract(RationaleExtractConfig(**common, k=4, out=str(largest)))
+        assert max(len(r["words"]) for r in read_records(largest)) == 4
+        for k in (1, 2, 3):
+            derived, direct = tmp_path / f"{task}-derived-k{k}.jsonl", tmp_path / f"{task}-direct-k{k}.jsonl"
+            assert write_first_words(largest, derived, k) == len(SVAMP_TRAIN)
+            run_extract(RationaleExtractConfig(**common, k=k, out=str(direct)))
+            assert read_records(derived) == read_records(direct), (task, k)
+            assert all(len(r["words"]) <= k for r in read_records(derived))
+            # the derived file resumes as an extraction at k would: its settings say k
+            assert run_extract(RationaleExtractConfig(**common, k=k, out=str(derived)))["new"] == 0
+    by_input = tmp_path / "input-order.jsonl"
+    run_extract(RationaleExtractConfig(**common, k=4, order="input", out=str(by_input)))
+    with pytest.raises(LmdistillError, match="only with --order score"):
+        write_first_words(by_input, tmp_path / "x.jsonl", 2)
+
+
+def test_rationale_word_share_by_hand():
+    examples = {
+        "a": Example(id="a", inputs={"input": "..."}, label="math problem", choices=("math problem", "fridge", "oven")),
+        "b": Example(id="b", inputs={"input": "..."}, label="( 84.0 / 2.0 )"),
+    }
+    records = [
+        # math: in the label; Fridge: a choice, any case; fridges, cold: nowhere; prob: only part of a word
+        {
+            "id": "a",
+            "label": "math problem",
+            "words": [["math", 3.0], ["Fridge", 2.0], ["fridges", 1.0], ["cold", 0.5], ["prob", 0.1]],
+        },  # fmt: skip
+        # 84 and 2 occur in the equation; 42 does not
+        {"id": "b", "label": "( 84.0 / 2.0 )", "words": [["84", 2.0], ["42", 1.0], ["2", 0.5]]},
+    ]
+    assert rationale_word_share(records, examples) == pytest.approx(4 / 8)
+    assert rationale_word_share(records[:1], examples) == pytest.approx(2 / 5)
+    assert rationale_word_share([], examples) is None
+    assert word_in("84", "( 84.0 / 2.0 )") and not word_in("8", "( 84.0 / 2.0 )") and not word_in("4.0", "84.0")
+
+
+# ---------------------------------------------------------------------------------------------------- the study
+
+
+def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
+    out = tiny_study
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"tasks", "config", "environment"} and list(results["tasks"]) == ["svamp", "cqa"]
+    assert results["runs_finished"] == results["runs_planned"] == 9
+    expected = {
+        "svamp": ["finetune", "saliency-k1", "saliency-k2", "step-by-step"],
+        "cqa": ["finetune", "saliency-k1", "saliency-k2", "step-by-step", "gold"],
+    }
+    for task, arms in expected.items():
+        result = results["tasks"][task]
+        teacher = json.loads((task_dir(out, task) / "teacher_eval.json").read_text())
+        assert result["teacher_accuracy"] == teacher["accuracy"] and teacher["total"] == 2
+        assert list(result["arms"]) == arms
+        for name, arm in result["arms"].items():
+            assert set(arm) >= {"accuracy_mean", "accuracy_std", "k", "per_seed"}
+            assert arm["k"] == (int(name[-1]) if name.startswith("saliency") else None)
+            assert arm["accuracy_std"] is None  # one seed
+            (run,) = arm["per_seed"]
+            assert set(run) == {"seed", "accuracy", "correct", "total", "val_loss", "seconds"}
+            assert run["total"] == 2 and arm["accuracy_mean"] == run["accuracy"] == run["correct"] / 2
+            evaluation = json.loads((run_dir(out, task, name, 0) / "eval.json").read_text())
+            assert evaluation["accuracy"] == run["accuracy"] and evaluation["split"] == "test"
+            manifest = json.loads((run_dir(out, task, name, 0) / "data_manifest.json").read_text())
+            assert manifest["rationale_source"] == RationaleStudyConfig.rationale_source(name)
+            assert manifest["lambda_rationale"] == (0.0 if name == "finetune" else 1.0)
+            assert manifest["train_with_rationale"] == (0 if name == "finetune" else manifest["train_examples"])
+            if arm["k"]:
+                assert manifest["rationales"] == str(rationale_file(out, task, arm["k"]))
+            assert not (run_dir(out, task, name, 0) / "checkpoints").exists()  # removed once evaluated
+        # rationales: k = 2 extracted, k = 1 its prefix; the word share recomputed from the files
+        k1, k2 = (read_records(rationale_file(out, task, k)) for k in (1, 2))
+        assert [r["words"][:1] for r in k2] == [r["words"] for r in k1] and len(k1) == 6
+        examples = {e.id: e for e in load_task(task, "train")}
+        for k, records in (("1", k1), ("2", k2)):
+            assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records, examples))
+    # the step-by-step rationales are the 540B model's: the training data holds them
+    report = (out / "report.md").read_text()
+    for name in expected["cqa"]:
+        assert f"| `{name}` |" in report
+    assert report.count("| teacher |") == 2 and "## SVAMP" in report and "gold answer or one of the choices" in report
+    assert (out / "accuracy_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((out / "study_config.yaml").read_text())["saliency_ks"] == [1, 2]
+
+
+def test_resume_retrains_nothing_and_grown_seeds_run_only_the_new_runs(tiny_study, ws, monkeypatch, capsys):
+    trained, evaluated = [], []
+    real_train, real_eval = study_module.run_rationale_train, study_module.run_rationale_eval
+
+    def train(config):
+        trained.append((config.task, Path(config.out).parent.name, config.seed))
+        return real_train(config)
+
+    def evaluate(config):
+        evaluated.append(config.model)
+        return real_eval(config)
+
+    monkeypatch.setattr(study_module, "run_rationale_train", train)
+    monkeypatch.setattr(study_module, "run_rationale_eval", evaluate)
+    before = json.loads((tiny_study / "results.json").read_text())
+    assert study(ws, "study", "--resume") == 0
+    assert trained == [] and evaluated == []
+    after = json.loads((tiny_study / "results.json").read_text())
+    assert after["tasks"] == before["tasks"]
+    assert "report:" in capsys.readouterr().out
+
+    assert study(ws, "study", "--resume", "--seeds", 0, 1, "--arms", "finetune") == 0
+    assert trained == [("svamp", "finetune", 1), ("cqa", "finetune", 1)] and len(evaluated) == 2
+    grown = json.loads((tiny_study / "results.json").read_text())
+    for task in ("svamp", "cqa"):
+        arm = grown["tasks"][task]["arms"]["finetune"]
+        accuracies = [r["accuracy"] for r in arm["per_seed"]]
+        assert [r["seed"] for r in arm["per_seed"]] == [0, 1]
+        assert arm["accuracy_mean"] == pytest.approx(statistics.mean(accuracies))
+        assert arm["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+        assert arm["per_seed"][0] == before["tasks"][task]["arms"]["finetune"]["per_seed"][0]
+
+    # --report-only rewrites the outputs from what has finished, training nothing
+    (tiny_study / "results.json").unlink()
+    assert study(ws, "study", "--report-only") == 0
+    assert trained == [("svamp", "finetune", 1), ("cqa", "finetune", 1)]
+    assert json.loads((tiny_study / "results.json").read_text())["tasks"] == before["tasks"]
+
+
+def cli_error(capsys, *args) -> str:
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+def test_a_study_is_not_overwritten_nor_resumed_with_other_settings(tiny_study, ws, capsys):
+    base = ["rationales", "study", "--config", ws / "study.yaml", "--out", tiny_study, "--no-progress"]
+    assert "already holds a study; pass --resume" in cli_error(capsys, *base)
+    message = cli_error(capsys, *base, "--resume", "--max-steps", 3)
+    assert message.startswith("lmdistill rationales study: error: ") and "different max_steps" in message
+    assert "different method" in cli_error(capsys, *base, "--resume", "--method", "input-x-gradient")
+
+
+def test_rationales_eval_of_a_teacher_spec(ws, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [{"id": "e0", "input": "the b or c", "label": "c", "choices": ["b", "c"]}])
+    common = ["rationales", "eval", "--task", "jsonl", "--data", data, "--no-progress"]
+    message = cli_error(capsys, *common, "--model", "default")
+    assert "--model default is not a model directory" in message and "--out" in message
+    assert "not a model directory" in cli_error(capsys, *common, "--model", tmp_path / "teacher.gguf")
+    # with --out, a spec that is not a directory loads through load_teacher
+    from lmdistill.models.load import load_teacher
+
+    loaded = []
+
+    def fake_load_teacher(spec):
+        loaded.append(spec)
+        return load_teacher(str(ws / "teacher"))
+
+    monkeypatch.setattr(evaluate_module, "load_teacher", fake_load_teacher)
+    assert main([str(a) for a in (*common, "--model", "default", "--out", tmp_path / "teacher.json")]) == 0
+    results = json.loads((tmp_path / "teacher.json").read_text())
+    assert loaded == ["default"] and results["model"] == "default" and results["total"] == 1
+    assert results["model_name"] == str(ws / "teacher")
