@@ -119,12 +119,17 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
     """Write `accuracy_vs_k.png`: per task, the saliency arms' accuracy against k (error bars: std over seeds, where
-    several), the other arms and the teacher as horizontal lines."""
+    several), the other arms (bands: their std) and the teacher as horizontal lines."""
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), dpi=120, squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, (name, task) in zip(axes[0], tasks.items()):
-        saliency = sorted((arm["k"], arm) for arm in task["arms"].values() if arm["k"] is not None)
+        saliency = sorted(
+            ((arm["k"], arm) for arm in task["arms"].values() if arm["k"] is not None), key=lambda a: a[0]
+        )
+        highest = [100 * (a["accuracy_mean"] + (a["accuracy_std"] or 0)) for a in task["arms"].values()]
+        highest.append(100 * (task["teacher_accuracy"] or 0))
+        ax.set_ylim(0, min(105, 1.2 * max(highest) + 2))  # from 0: differences at their true scale
         if saliency:
             ks = [k for k, _ in saliency]
             means = [100 * arm["accuracy_mean"] for _, arm in saliency]
@@ -133,8 +138,12 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xticks(ks)
         for i, arm_name in enumerate(("finetune", "step-by-step", "gold"), start=1):
             if arm_name in task["arms"]:
-                value = 100 * task["arms"][arm_name]["accuracy_mean"]
+                arm = task["arms"][arm_name]
+                value = 100 * arm["accuracy_mean"]
                 ax.axhline(value, color=colors(i), linestyle=LINE_STYLES[arm_name], label=f"{arm_name} ({value:.1f})")
+                if arm["accuracy_std"]:  # the spread over seeds as a band
+                    std = 100 * arm["accuracy_std"]
+                    ax.axhspan(value - std, value + std, color=colors(i), alpha=0.08)
         if task["teacher_accuracy"] is not None:
             value = 100 * task["teacher_accuracy"]
             ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({value:.1f})")
@@ -143,7 +152,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Student accuracy against k (mean over seeds; error bars: std, where several)", fontsize=10)
+    fig.suptitle("Student accuracy against k (mean over seeds; error bars and bands: std, where several)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
