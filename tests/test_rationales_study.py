@@ -348,3 +348,17 @@ def test_rationales_eval_of_a_teacher_spec(ws, tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "teacher.json").read_text())
     assert loaded == ["default"] and results["model"] == "default" and results["total"] == 1
     assert results["model_name"] == str(ws / "teacher")
+
+
+def test_gsm_symbolic_has_a_gold_arm_and_no_step_by_step(ws, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    args = ["rationales", "study", "--teacher", ws / "teacher", "--student", ws / "student", "--tasks",
+            "gsm-symbolic", "--arms", "finetune", "saliency", "gold", "--saliency-ks", 2, "--seeds", 0, "--size", 6,
+            "--test-limit", 2, "--max-steps", 1, "--batch-size", 2, "--val-fraction", 0.2, "--max-new-tokens", 2,
+            "--precision", "fp32", "--no-progress", "--out", tmp_path / "gsm"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    result = json.loads((tmp_path / "gsm" / "results.json").read_text())["tasks"]["gsm-symbolic"]
+    assert list(result["arms"]) == ["finetune", "saliency-k2", "gold"] and result["teacher"]["total"] == 2
+    manifest = json.loads((run_dir(tmp_path / "gsm", "gsm-symbolic", "gold", 0) / "data_manifest.json").read_text())
+    assert manifest["rationale_source"] == "gold" and manifest["train_with_rationale"] == manifest["train_examples"]
+    assert len(read_records(rationale_file(tmp_path / "gsm", "gsm-symbolic", 2))) == 6

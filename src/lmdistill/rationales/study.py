@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # lists that may grow (or change) on --resume, and settings that do not shape results
 GROWABLE = ("tasks", "arms", "saliency_ks", "seeds")
-NOT_RESULTS = ("keep_checkpoints",)
+NOT_RESULTS = ("keep_checkpoints", "save_every", "log_every")
 
 
 def task_dir(out: Path, task: str) -> Path:
