@@ -58,7 +58,7 @@ from lmdistill.config import AttributionMethod, RationaleExtractConfig
 from lmdistill.models.load import load_teacher
 from lmdistill.provenance import environment
 from lmdistill.rationales.attribution import answer_attributions, continuation_logprobs
-from lmdistill.rationales.extract import _encode_answer, extract_batch, teacher_answers
+from lmdistill.rationales.extract import encode_answer, extract_batch, teacher_answers
 from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
 
 METHODS: tuple[str, ...] = get_args(AttributionMethod)
@@ -250,7 +250,7 @@ def main() -> None:
         ]
     answers_s = time.perf_counter() - start
     accuracy = sum(is_correct(a, e) for a, e in zip(answers, everything)) / len(everything)
-    rows = [(t, p, _encode_answer(tokenizer, a)) for t, p, a in zip(texts, prompt_ids, answers)]
+    rows = [(t, p, encode_answer(tokenizer, a)) for t, p, a in zip(texts, prompt_ids, answers)]
     n_warm = args.warmup
     data = {
         "config": config, "pad_id": pad_id, "warm": everything[:n_warm], "examples": everything[n_warm:],

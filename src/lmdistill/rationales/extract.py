@@ -93,7 +93,7 @@ def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool) -
         raise LmdistillError(f"{out} was written with {shown}: resume with the same settings or give another --out")
 
 
-def _encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+def encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
     # An empty answer (the model produced no text) is attributed through the end-of-sequence token it chose.
     return (
         tokenizer(continuation(answer), add_special_tokens=False)["input_ids"] if answer else [tokenizer.eos_token_id]
@@ -113,7 +113,7 @@ def teacher_answers(
     answers = [""] * len(examples)
     picked = [i for i, e in enumerate(examples) if e.choices]
     if picked:
-        options = [[_encode_answer(tokenizer, c) for c in examples[i].choices] for i in picked]
+        options = [[encode_answer(tokenizer, c) for c in examples[i].choices] for i in picked]
         picks = choose(
             model,
             [prompt_ids[i] for i in picked],
@@ -146,7 +146,7 @@ def extract_batch(
     scores = answer_attributions(
         model,
         prompt_ids,
-        [_encode_answer(tokenizer, a) for a in answers],
+        [encode_answer(tokenizer, a) for a in answers],
         method=config.method,
         reduction=config.reduction,
         ig_steps=config.ig_steps,
