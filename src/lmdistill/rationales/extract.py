@@ -94,7 +94,8 @@ def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool) -
 
 
 def encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
-    # An empty answer (the model produced no text) is attributed through the end-of-sequence token it chose.
+    """The token ids of an answer as the teacher's continuation (`continuation`) after the prompt; an empty answer (the
+    model produced no text) is attributed through the end-of-sequence token it chose."""
     return (
         tokenizer(continuation(answer), add_special_tokens=False)["input_ids"] if answer else [tokenizer.eos_token_id]
     )
