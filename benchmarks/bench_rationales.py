@@ -22,7 +22,8 @@ on that forward (integrated gradients, the same steps and quadrature).
 - `ours_vs_reference`: our scores against the reference reduced the same way (Σ_d |·|).
 - `captum_vs_reference`: Captum's scores against the reference summed over the embedding dimension (Σ_d ·); for
   integrated gradients the reference then starts from Captum's baseline, the embedding of token id 0
-  (`TextTokenInput`'s default), where ours starts from zero vectors.
+  (`TextTokenInput`'s default), where ours (and `ours_vs_reference`) starts from the pad token's (`--ig-baseline
+  token`).
 - `spearman`: mean over examples of the rank correlation of our per-prompt-token scores with the magnitude of
   Captum's. Below 1 by construction: the reductions differ (Σ_d |·| against |Σ_d ·|) and, for integrated gradients,
   so do the baselines. `spearman_reduction_alone`: the same correlation between Σ_d |·| and |Σ_d ·| of Captum's
@@ -168,7 +169,7 @@ def measure(args: argparse.Namespace, method: str, model, tokenizer, data: dict[
         partial(run_ours, model, method, args.batch_size, args.ig_steps, pad_id), rows, warm_rows
     )
     agreement: dict[str, Any] = {}
-    refs = [reference(model, p, a, method, args.ig_steps) for _, p, a in rows]
+    refs = [reference(model, p, a, method, args.ig_steps, pad_id) for _, p, a in rows]  # our token baseline
     agreement["ours_vs_reference"] = max(rel_err(o, r.abs().sum(-1)) for o, r in zip(ours, refs))
 
     captum_rate = None

@@ -13,7 +13,15 @@ from conftest import save_tiny_teacher, tiny_teacher
 from lmdistill.cli import main
 from lmdistill.config import RationaleExtractConfig, RationaleTask
 from lmdistill.errors import LmdistillError
-from lmdistill.rationales.attribution import answer_attributions, attribute, choose, continuation_logprobs
+from lmdistill.rationales import attribution
+from lmdistill.rationales.attribution import (
+    answer_attributions,
+    attribute,
+    choose,
+    continuation_logprob,
+    continuation_logprobs,
+)
+from lmdistill.rationales.extract import extract_batch
 from lmdistill.rationales.tasks import (
     SHARED_DATA_ENV,
     TASKS,
@@ -344,6 +352,33 @@ def test_integrated_gradients_moves_only_the_attributed_positions():
     torch.testing.assert_close(scores, torch.tensor([[6.0, 0.0]]))
 
 
+@pytest.mark.parametrize("eps", [1e-12, 1e-5])
+def test_integrated_gradients_from_a_token_is_complete_where_from_zero_it_is_not(eps):
+    # Completeness: the signed attributions sum to log p(answer | prompt) - log p(answer | baseline prompt). The
+    # teacher is pre-norm: RMSNorm(α e) does not depend on α but within its eps of α = 0, where log p jumps; the 20
+    # quadrature nodes miss the jump from zero vectors, never crossing 0 from a token's embedding.
+    model = tiny_teacher("llama", rms_norm_eps=eps)
+    prompt, answer, pad_id = [5, 9, 14, 3, 22, 40, 41], [7, 8], 1
+    ids = torch.tensor([prompt + answer])
+    embeds = model.get_input_embeddings()(ids).detach()
+    is_prompt = torch.arange(ids.shape[1]).unsqueeze(-1) < len(prompt)  # [T, 1]
+    zero_prompt = torch.where(is_prompt, 0.0, embeds)
+    mask, targets = torch.ones_like(ids, dtype=torch.bool), torch.tensor([answer])
+    with torch.no_grad():
+        logp = {name: continuation_logprob(model, e, mask, targets, targets >= 0).item()
+                for name, e in (("x", embeds), ("zero", zero_prompt))}  # fmt: skip
+    logp["token"] = continuation_logprobs(model, [[pad_id] * len(prompt)], [answer], batch_size=1, pad_id=0).item()
+
+    def total(**baseline) -> float:
+        (scores,) = answer_attributions(model, [prompt], [answer], method="integrated-gradients", reduction="sum",
+                                        ig_steps=20, pad_id=pad_id, **baseline)  # fmt: skip
+        return scores.sum().item()
+
+    assert total() == pytest.approx(logp["x"] - logp["token"], abs=1e-3)  # the default: the pad token
+    assert total(ig_baseline="token") == pytest.approx(total())
+    assert abs(total(ig_baseline="zero") - (logp["x"] - logp["zero"])) > 0.5
+
+
 def test_saliency_is_the_gradient_of_the_answer_log_probability():
     model = tiny_teacher("llama")
     prompt, answer = [5, 9, 14, 3, 22], [7, 8]
@@ -440,6 +475,28 @@ def test_extract_end_to_end_through_the_cli(teacher_dir, tmp_path, capsys, metho
     assert "5 new rationales" in printed and "teacher accuracy" in printed
 
 
+@pytest.mark.parametrize("ig_baseline", ["token", "zero"])
+def test_the_ig_baseline_option_reaches_the_attribution(teacher_dir, monkeypatch, ig_baseline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir)
+    seen, original = [], attribution.attribute
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["ig_baseline"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "attribute", spy)
+    config = RationaleExtractConfig(task="jsonl", data="unused", out="unused", method="integrated-gradients",
+                                    ig_baseline=ig_baseline)  # fmt: skip
+    extract_batch(model, tokenizer, [Example("q", {"input": "the cat is on the mat"}, "mat", ("mat", "hat"))], config)
+    (baseline,) = seen
+    if ig_baseline == "zero":
+        assert baseline is None
+    else:  # the tiny tokenizer has no pad token: its end-of-sequence token
+        torch.testing.assert_close(baseline, model.get_input_embeddings().weight[tokenizer.eos_token_id])
+
+
 def test_extract_resumes_appending_only_new_ids(teacher_dir, tmp_path, capsys):
     data, out = write_jsonl(tmp_path / "data.jsonl", ROWS), tmp_path / "r.jsonl"
     assert extract(teacher_dir, data, out, "--limit", 2) == 0
@@ -511,3 +568,28 @@ def test_extract_errors_are_one_line(teacher_dir, tmp_path, capsys):
     assert "its settings" in cli_error(capsys, *command, "--out", out)
     assert main(["rationales"]) == 2
     assert "unknown command 'rationales'" in capsys.readouterr().err
+
+
+def test_integrated_gradients_settings_matter_on_resume_only_for_integrated_gradients(teacher_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+
+    def written_before_ig_baseline(out) -> None:  # as rationale files from before --ig-baseline (from zero) are
+        path = out.with_name(out.name + ".config.yaml")
+        settings = yaml.safe_load(path.read_text())
+        del settings["ig_baseline"]
+        path.write_text(yaml.safe_dump(settings))
+
+    saliency = tmp_path / "saliency.jsonl"
+    assert extract(teacher_dir, data, saliency, "--limit", 1) == 0
+    written_before_ig_baseline(saliency)
+    assert extract(teacher_dir, data, saliency, "--limit", 2, "--ig-steps", 5) == 0  # IG settings do not matter
+    assert len(lines(saliency)) == 2
+    ig = tmp_path / "ig.jsonl"
+    method = ("--method", "integrated-gradients")
+    assert extract(teacher_dir, data, ig, "--limit", 1, *method, "--ig-baseline", "zero") == 0
+    written_before_ig_baseline(ig)
+    capsys.readouterr()
+    assert extract(teacher_dir, data, ig, "--limit", 2, *method) == 2
+    assert "--ig-baseline 'zero' (now 'token')" in capsys.readouterr().err
+    assert extract(teacher_dir, data, ig, "--limit", 2, *method, "--ig-baseline", "zero") == 0
+    assert len(lines(ig)) == 2

@@ -17,7 +17,14 @@ from lmdistill.errors import LmdistillError
 from lmdistill.rationales import evaluate as evaluate_module
 from lmdistill.rationales import study as study_module
 from lmdistill.rationales.extract import read_records, run_extract, write_first_words
-from lmdistill.rationales.study import rationale_file, rationale_word_share, run_dir, task_dir, word_in
+from lmdistill.rationales.study import (
+    check_study_resumable,
+    rationale_file,
+    rationale_word_share,
+    run_dir,
+    task_dir,
+    word_in,
+)
 from lmdistill.rationales.tasks import SHARED_DATA_ENV, Example, load_task
 from lmdistill.study import check_resumable
 
@@ -177,6 +184,23 @@ def test_check_resumable_lets_only_the_growable_lists_change(tmp_path):
         check_resumable(grown, tmp_path, growable=("seeds",))
     with pytest.raises(LmdistillError, match="pass --resume"):
         check_resumable(StudyConfig(out=str(tmp_path)), tmp_path, growable=("arms", "seeds"))
+
+
+def test_the_ig_baseline_reaches_the_extraction_and_old_studies_resume(tmp_path):
+    def config(**overrides) -> RationaleStudyConfig:
+        return RationaleStudyConfig(student="s", out=str(tmp_path), resume=True, **overrides)
+
+    assert config().extract_config("cqa", out="r.jsonl").ig_baseline == "token"
+    assert config(ig_baseline="zero").extract_config("cqa", out="r.jsonl").ig_baseline == "zero"
+    for method in ("saliency", "integrated-gradients"):  # studies saved before ig_baseline existed (from zero)
+        saved = {k: v for k, v in vars(config(method=method)).items() if k != "ig_baseline"}
+        (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(saved))
+        check_study_resumable(config(method=method, ig_baseline="zero"), tmp_path)
+        if method == "saliency":  # the IG settings do not shape saliency rationales
+            check_study_resumable(config(method=method, ig_steps=7), tmp_path)
+        else:
+            with pytest.raises(LmdistillError, match="different ig_baseline"):
+                check_study_resumable(config(method=method), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- rationales

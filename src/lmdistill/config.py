@@ -464,6 +464,11 @@ class DemoConfig:
 
 RationaleTask = Literal["svamp", "cqa", "anli1", "esnli", "gsm-symbolic", "jsonl"]
 AttributionMethod = Literal["saliency", "input-x-gradient", "integrated-gradients"]
+IgBaseline = Literal["token", "zero"]
+IG_BASELINE_HELP = (
+    "where integrated-gradients starts the prompt tokens: token (the pad token's embedding, else EOS's) or zero "
+    "(pre-norm teachers barely change along the path from 0 but jump right next to it, which the integration misses)"
+)
 
 
 @dataclass
@@ -503,6 +508,7 @@ class RationaleExtractConfig:
         default="sum", metadata={"help": "choices compete by total or per-token log-probability"}
     )
     ig_steps: int = field(default=20, metadata={"help": "integration steps of integrated-gradients"})
+    ig_baseline: IgBaseline = field(default="token", metadata={"help": IG_BASELINE_HELP})
     size: int = field(default=1000, metadata={"help": "gsm-symbolic: examples generated per split"})
     seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the train split (test: seed + 1,000,000)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -761,6 +767,7 @@ class RationaleStudyConfig(RationaleTraining):
         default="l1", metadata={"help": "norm of the attribution over the embedding dimension"}
     )
     ig_steps: int = field(default=20, metadata={"help": "integration steps of integrated-gradients"})
+    ig_baseline: IgBaseline = field(default="token", metadata={"help": IG_BASELINE_HELP})
     stop_words: bool = field(default=True, metadata={"help": "leave English stop words out of rationales"})
     max_new_tokens: int = field(default=24, metadata={"help": "greedy answer length limit (tasks without choices)"})
     choice_score: Literal["sum", "mean"] = field(
@@ -858,6 +865,7 @@ class RationaleStudyConfig(RationaleTraining):
             max_new_tokens=self.max_new_tokens,
             choice_score=self.choice_score,
             ig_steps=self.ig_steps,
+            ig_baseline=self.ig_baseline,
             size=self.size,
             seed=self.data_seed,
             progress=self.progress,

@@ -6,8 +6,13 @@ over d to one score per token, ‖·‖₁ (default) or ‖·‖₂, of
 
 - ``saliency``: ∂ log p / ∂e_t (Simonyan et al. 2014);
 - ``input-x-gradient``: e_t ⊙ ∂ log p / ∂e_t;
-- ``integrated-gradients``: (e_t − 0) ⊙ ∫₀¹ ∂ log p / ∂e_t (α e) dα over the prompt tokens, the answer tokens held
-  fixed (Sundararajan et al. 2017; Gauss-Legendre quadrature).
+- ``integrated-gradients``: (e_t − b_t) ⊙ ∫₀¹ ∂ log p / ∂e_t (b + α (e − b)) dα over the prompt tokens, the answer
+  tokens held fixed (Sundararajan et al. 2017; Captum's Gauss-Legendre quadrature). The baseline b_t of a prompt
+  token is the embedding of a neutral token (``token``, default: the pad token, else EOS) or 0 (``zero``). Zero is a
+  poor baseline for pre-norm transformers: RMSNorm/LayerNorm(α e) hardly depends on α except within its eps of
+  α = 0, so log p jumps right next to 0; the quadrature samples the jump erratically and the attributions do not
+  sum to log p(e) − log p(b) (completeness) at any step count. A token's path avoids 0 (and is exact on smooth
+  models), but on real teachers it is still rough: completeness then holds only roughly, better with more steps.
 
 The three methods are Captum's ``Saliency``, ``InputXGradient`` and ``IntegratedGradients`` applied to the embedding
 output. Sequences are left-padded, the answer right-aligned, so that the output head runs only on the last
@@ -189,6 +194,7 @@ def attribute(
     method: str,
     reduction: str = "l1",
     ig_steps: int = 20,
+    ig_baseline: torch.Tensor | None = None,
     forward_args: tuple = (),
 ) -> torch.Tensor:
     """Per-token attribution scores of a scalar-per-row function of embeddings.
@@ -196,11 +202,15 @@ def attribute(
     Args:
         forward: ``forward(embeds, *forward_args)`` -> ``[B]``.
         embeds: ``[B, T, d]`` the input embeddings.
-        attributed: bool ``[B, T]``, the positions to attribute; integrated gradients moves only these (from 0),
-            the others stay at their embeddings.
+        attributed: bool ``[B, T]``, the positions to attribute; integrated gradients moves only these (from
+            ``ig_baseline``), the others stay at their embeddings.
         method: ``saliency``, ``input-x-gradient`` or ``integrated-gradients``.
-        reduction: ``l1`` or ``l2`` over the embedding dimension.
+        reduction: ``l1`` or ``l2`` over the embedding dimension, or ``sum``: the plain sum (for integrated
+            gradients the token's signed share of ``forward(embeds) − forward(baseline)``, as completeness checks
+            need; saliency's gradients are absolute values already).
         ig_steps: integration steps of integrated gradients.
+        ig_baseline: where integrated gradients starts the attributed positions, broadcastable to ``embeds`` (``[d]``:
+            one embedding everywhere, ``[B, T, d]``: per position); None: 0.
         forward_args: further arguments of ``forward``, batch-first tensors (repeated per integration step).
 
     Returns:
@@ -212,7 +222,8 @@ def attribute(
     elif method == "input-x-gradient":
         attr = InputXGradient(forward).attribute(embeds.requires_grad_(), additional_forward_args=forward_args)
     elif method == "integrated-gradients":
-        baselines = torch.where(attributed.unsqueeze(-1), 0.0, embeds)
+        start = 0.0 if ig_baseline is None else ig_baseline.detach().to(embeds.dtype)
+        baselines = torch.where(attributed.unsqueeze(-1), start, embeds)
         attr = IntegratedGradients(forward).attribute(
             embeds,
             baselines=baselines,
@@ -226,6 +237,8 @@ def attribute(
         scores = attr.abs().sum(-1)
     elif reduction == "l2":
         scores = attr.norm(dim=-1)
+    elif reduction == "sum":
+        scores = attr.sum(-1)
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     return torch.where(attributed, scores.float(), 0.0)  # [B, T]
@@ -239,6 +252,8 @@ def answer_attributions(
     method: str,
     reduction: str = "l1",
     ig_steps: int = 20,
+    ig_baseline: str = "token",
+    baseline_id: int | None = None,
     pad_id: int,
 ) -> list[torch.Tensor]:
     """Attribution of log p(answer | prompt) to each prompt token, for a batch.
@@ -248,16 +263,26 @@ def answer_attributions(
         prompts: B token-id lists.
         answers: B non-empty token-id lists, the continuations whose log-probability is attributed.
         method: ``saliency``, ``input-x-gradient`` or ``integrated-gradients``.
-        reduction: ``l1`` or ``l2`` over the embedding dimension.
+        reduction: ``l1`` or ``l2`` over the embedding dimension (``sum``: signed, see `attribute`).
         ig_steps: integration steps of integrated gradients.
+        ig_baseline: where integrated gradients starts the prompt tokens: ``token``, the embedding of
+            ``baseline_id`` at every prompt position, or ``zero``.
+        baseline_id: the token of the ``token`` baseline; None: ``pad_id``.
         pad_id: filler id.
 
     Returns:
         B float32 tensors, ``[len(prompts[i])]`` each.
     """
+    if ig_baseline not in ("token", "zero"):
+        raise ValueError(f"unknown integrated-gradients baseline {ig_baseline!r}")
     ids, mask, prompt_mask, answer_mask = _layout(prompts, answers, pad_id, model.device)
     width = max(len(a) for a in answers)
-    embeds = model.get_input_embeddings()(ids)  # [B, T, d]
+    embedding = model.get_input_embeddings()
+    embeds = embedding(ids)  # [B, T, d]
+    baseline = None
+    if method == "integrated-gradients" and ig_baseline == "token":
+        token = pad_id if baseline_id is None else baseline_id
+        baseline = embedding(torch.tensor(token, device=ids.device)).detach()  # [d]
     scores = attribute(
         partial(continuation_logprob, model),
         embeds,
@@ -265,6 +290,7 @@ def answer_attributions(
         method=method,
         reduction=reduction,
         ig_steps=ig_steps,
+        ig_baseline=baseline,
         forward_args=(mask, ids[:, -width:], answer_mask[:, -width:]),
     )
     end = ids.shape[1]

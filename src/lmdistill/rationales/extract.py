@@ -33,11 +33,15 @@ from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
 
-# Config fields that shape the output lines: a resumed run must agree with the first on all of them.
+# Config fields that shape the output lines: a resumed run must agree with the first on all of them (on the IG ones
+# only with --method integrated-gradients).
 RECORD_SETTINGS = (
     "teacher", "task", "split", "data", "size", "seed", "template", "k", "method", "reduction", "order", "stop_words",
-    "max_new_tokens", "choice_score", "ig_steps",
+    "max_new_tokens", "choice_score", "ig_steps", "ig_baseline",
 )  # fmt: skip
+IG_SETTINGS = ("ig_steps", "ig_baseline")
+# Settings added since the first rationale files: the value those files were written with.
+SETTINGS_BEFORE = {"ig_baseline": "zero"}
 
 
 def settings_path(out: Path) -> Path:
@@ -86,8 +90,9 @@ def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool) -
         return
     if not path.is_file():
         raise LmdistillError(f"{out} exists but {path} (its settings) does not: give another --out")
-    saved = yaml.safe_load(path.read_text())
-    differ = [n for n in RECORD_SETTINGS if saved.get(n) != getattr(resolved, n)]
+    saved = {**SETTINGS_BEFORE, **yaml.safe_load(path.read_text())}
+    compared = [n for n in RECORD_SETTINGS if resolved.method == "integrated-gradients" or n not in IG_SETTINGS]
+    differ = [n for n in compared if saved.get(n) != getattr(resolved, n)]
     if differ:
         shown = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)!r} (now {getattr(resolved, n)!r})" for n in differ)
         raise LmdistillError(f"{out} was written with {shown}: resume with the same settings or give another --out")
@@ -151,6 +156,8 @@ def extract_batch(
         method=config.method,
         reduction=config.reduction,
         ig_steps=config.ig_steps,
+        ig_baseline=config.ig_baseline,
+        baseline_id=pad_id,
         pad_id=pad_id,
     )
     records = []

@@ -48,7 +48,7 @@ from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import environment
 from lmdistill.rationales.evaluate import run_rationale_eval
-from lmdistill.rationales.extract import read_records, run_extract, write_first_words
+from lmdistill.rationales.extract import IG_SETTINGS, SETTINGS_BEFORE, read_records, run_extract, write_first_words
 from lmdistill.rationales.report import write_plot, write_report
 from lmdistill.rationales.tasks import Example, load_task
 from lmdistill.rationales.train import run_rationale_train
@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 # lists that may grow (or change) on --resume, and settings that do not shape results
 GROWABLE = ("tasks", "arms", "saliency_ks", "seeds")
 NOT_RESULTS = ("keep_checkpoints", "save_every", "log_every")
+
+
+def check_study_resumable(config: RationaleStudyConfig, out: Path) -> None:
+    """`check_resumable` for a rationale study: the integrated-gradients settings matter only with that method, and a
+    study saved before ``ig_baseline`` existed integrated from zero."""
+    ignored = NOT_RESULTS + (IG_SETTINGS if config.method != "integrated-gradients" else ())
+    check_resumable(config, out, growable=GROWABLE, ignored=ignored, added=SETTINGS_BEFORE)
 
 
 def task_dir(out: Path, task: str) -> Path:
@@ -140,7 +147,7 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
     out = Path(config.out)
     if config.report_only:
         return write_results(config, out, partial=True)
-    check_resumable(config, out, growable=GROWABLE, ignored=NOT_RESULTS)
+    check_study_resumable(config, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.yaml").write_text(to_yaml(config))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
