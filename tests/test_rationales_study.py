@@ -186,21 +186,19 @@ def test_check_resumable_lets_only_the_growable_lists_change(tmp_path):
         check_resumable(StudyConfig(out=str(tmp_path)), tmp_path, growable=("arms", "seeds"))
 
 
-def test_the_ig_baseline_reaches_the_extraction_and_old_studies_resume(tmp_path):
+def test_the_ig_baseline_reaches_the_extraction_and_matters_on_resume_only_for_integrated_gradients(tmp_path):
     def config(**overrides) -> RationaleStudyConfig:
         return RationaleStudyConfig(student="s", out=str(tmp_path), resume=True, **overrides)
 
     assert config().extract_config("cqa", out="r.jsonl").ig_baseline == "token"
     assert config(ig_baseline="zero").extract_config("cqa", out="r.jsonl").ig_baseline == "zero"
-    for method in ("saliency", "integrated-gradients"):  # studies saved before ig_baseline existed (from zero)
-        saved = {k: v for k, v in vars(config(method=method)).items() if k != "ig_baseline"}
-        (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(saved))
-        check_study_resumable(config(method=method, ig_baseline="zero"), tmp_path)
+    for method in ("saliency", "integrated-gradients"):
+        (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(vars(config(method=method))))
         if method == "saliency":  # the IG settings do not shape saliency rationales
-            check_study_resumable(config(method=method, ig_steps=7), tmp_path)
+            check_study_resumable(config(method=method, ig_steps=7, ig_baseline="zero"), tmp_path)
         else:
             with pytest.raises(LmdistillError, match="different ig_baseline"):
-                check_study_resumable(config(method=method), tmp_path)
+                check_study_resumable(config(method=method, ig_baseline="zero"), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- rationales

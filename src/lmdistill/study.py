@@ -64,14 +64,7 @@ def _finished(run: Path) -> dict[str, Any] | None:
 LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out")
 
 
-def check_resumable(
-    config: Any,
-    out: Path,
-    *,
-    growable: tuple[str, ...],
-    ignored: tuple[str, ...] = (),
-    added: dict[str, Any] | None = None,
-) -> None:
+def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
     """Refuse to write a study into a directory that holds one, unless ``config.resume``; with it, refuse settings
     that differ from the saved ``study_config.yaml``, except the lists in ``growable`` (arms, seeds, ... that may be
     added) and `LAUNCH_SETTINGS` and ``ignored`` (settings that do not shape results).
@@ -81,14 +74,13 @@ def check_resumable(
         out: the study directory.
         growable: fields whose values may change between runs of the study.
         ignored: further fields that do not shape results.
-        added: fields added since older studies were saved, with the value those studies ran with.
     """
     saved = out / "study_config.yaml"
     if not saved.exists():
         return
     if not config.resume:
         raise LmdistillError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
-    previous = {**(added or {}), **load_yaml(saved, type(config))}
+    previous = load_yaml(saved, type(config))
     skip = set(LAUNCH_SETTINGS) | set(growable) | set(ignored)
     changed = sorted(k for k, v in vars(config).items() if k not in skip and previous.get(k) != v)
     if changed:

@@ -48,7 +48,7 @@ from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import environment
 from lmdistill.rationales.evaluate import run_rationale_eval
-from lmdistill.rationales.extract import IG_SETTINGS, SETTINGS_BEFORE, read_records, run_extract, write_first_words
+from lmdistill.rationales.extract import IG_SETTINGS, read_records, run_extract, write_first_words
 from lmdistill.rationales.report import write_plot, write_report
 from lmdistill.rationales.tasks import Example, load_task
 from lmdistill.rationales.train import run_rationale_train
@@ -63,10 +63,9 @@ NOT_RESULTS = ("keep_checkpoints", "save_every", "log_every")
 
 
 def check_study_resumable(config: RationaleStudyConfig, out: Path) -> None:
-    """`check_resumable` for a rationale study: the integrated-gradients settings matter only with that method, and a
-    study saved before ``ig_baseline`` existed integrated from zero."""
+    """`check_resumable` for a rationale study: the integrated-gradients settings matter only with that method."""
     ignored = NOT_RESULTS + (IG_SETTINGS if config.method != "integrated-gradients" else ())
-    check_resumable(config, out, growable=GROWABLE, ignored=ignored, added=SETTINGS_BEFORE)
+    check_resumable(config, out, growable=GROWABLE, ignored=ignored)
 
 
 def task_dir(out: Path, task: str) -> Path:
