@@ -253,7 +253,6 @@ def answer_attributions(
     reduction: str = "l1",
     ig_steps: int = 20,
     ig_baseline: str = "token",
-    baseline_id: int | None = None,
     pad_id: int,
 ) -> list[torch.Tensor]:
     """Attribution of log p(answer | prompt) to each prompt token, for a batch.
@@ -265,10 +264,9 @@ def answer_attributions(
         method: ``saliency``, ``input-x-gradient`` or ``integrated-gradients``.
         reduction: ``l1`` or ``l2`` over the embedding dimension (``sum``: signed, see `attribute`).
         ig_steps: integration steps of integrated gradients.
-        ig_baseline: where integrated gradients starts the prompt tokens: ``token``, the embedding of
-            ``baseline_id`` at every prompt position, or ``zero``.
-        baseline_id: the token of the ``token`` baseline; None: ``pad_id``.
-        pad_id: filler id.
+        ig_baseline: where integrated gradients starts the prompt tokens: ``token``, the embedding of ``pad_id`` at
+            every prompt position, or ``zero``.
+        pad_id: filler id (the pad token, else EOS), also the ``token`` baseline.
 
     Returns:
         B float32 tensors, ``[len(prompts[i])]`` each.
@@ -281,8 +279,7 @@ def answer_attributions(
     embeds = embedding(ids)  # [B, T, d]
     baseline = None
     if method == "integrated-gradients" and ig_baseline == "token":
-        token = pad_id if baseline_id is None else baseline_id
-        baseline = embedding(torch.tensor(token, device=ids.device)).detach()  # [d]
+        baseline = embedding(torch.tensor(pad_id, device=ids.device)).detach()  # [d]
     scores = attribute(
         partial(continuation_logprob, model),
         embeds,

@@ -157,7 +157,6 @@ def extract_batch(
         reduction=config.reduction,
         ig_steps=config.ig_steps,
         ig_baseline=config.ig_baseline,
-        baseline_id=pad_id,
         pad_id=pad_id,
     )
     records = []
