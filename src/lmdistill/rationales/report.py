@@ -31,7 +31,7 @@ def _describe(name: str, arm: dict[str, Any]) -> str:
 
 
 def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
+    return plus_minus(value, None, 100, 1)
 
 
 def task_table(task: dict[str, Any]) -> str:
