@@ -106,8 +106,14 @@ def ws(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SHARED_DATA_ENV, str(made_up_shared_data(root / "reasoning")))
         save_tiny_teacher(root / "teacher")
+        save_tiny_teacher(root / "teacher-cqa", num_hidden_layers=3)
         save_tiny_teacher(root / "student", num_hidden_layers=2)
-        config = dict(TINY, teacher=str(root / "teacher"), student=str(root / "student"))
+        config = dict(
+            TINY,
+            teacher=str(root / "teacher"),
+            task_teachers=[f"cqa={root / 'teacher-cqa'}"],
+            student=str(root / "student"),
+        )
         (root / "study.yaml").write_text(yaml.safe_dump(config))
         yield root
 
@@ -144,6 +150,10 @@ def test_arms_expand_per_task_and_runs_go_seed_by_seed():
     extract = config.extract_config("svamp", out="k.jsonl")
     assert (extract.k, extract.order, extract.split) == (5, "score", "train")
     assert config.eval_config("svamp", model="m", out="e.json").split == "test"
+    assert extract.teacher == config.teacher_of("svamp") == "default"
+    config = RationaleStudyConfig(out="x", student="s", teacher="t", task_teachers=["cqa=runs/t=cqa"])
+    assert (config.teacher_of("svamp"), config.teacher_of("cqa")) == ("t", "runs/t=cqa")
+    assert config.extract_config("cqa", out="k.jsonl").teacher == "runs/t=cqa"
 
 
 @pytest.mark.parametrize(
@@ -159,6 +169,12 @@ def test_arms_expand_per_task_and_runs_go_seed_by_seed():
         ({"train_limit": 0}, "--train-limit must be at least 1"),
         ({"max_steps": 0}, "--max-steps must be at least 1"),
         ({"student": None}, "--student is required"),
+        ({"task_teachers": ["cqa"]}, "distinct TASK=MODEL pairs"),
+        ({"task_teachers": ["cqa=a", "cqa=b"]}, "distinct TASK=MODEL pairs"),
+        (
+            {"tasks": ["svamp"], "arms": ["finetune"], "task_teachers": ["cqa=a"]},
+            r"names tasks not in --tasks: \['cqa'\]",
+        ),
     ],
 )
 def test_invalid_study_configs_are_refused(overrides, message):
@@ -263,6 +279,11 @@ def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
         result = results["tasks"][task]
         teacher = json.loads((task_dir(out, task) / "teacher_eval.json").read_text())
         assert result["teacher_accuracy"] == teacher["accuracy"] and teacher["total"] == 2
+        # --task-teachers: CQA's teacher evaluates and extracts CQA; SVAMP has --teacher
+        teacher_dir = str(ws / ("teacher-cqa" if task == "cqa" else "teacher"))
+        assert teacher["model"] == result["teacher"]["model"] == teacher_dir
+        extraction = yaml.safe_load(Path(str(rationale_file(out, task, 2)) + ".config.yaml").read_text())
+        assert extraction["teacher"] == teacher_dir
         assert list(result["arms"]) == arms
         for name, arm in result["arms"].items():
             assert set(arm) >= {"accuracy_mean", "accuracy_std", "k", "per_seed"}

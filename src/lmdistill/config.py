@@ -746,6 +746,13 @@ class RationaleStudyConfig(RationaleTraining):
         default="default",
         metadata={"help": "teacher (saliency rationales and the reference accuracy): HF directory, .gguf or 'default'"},
     )
+    task_teachers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "per-task teachers as TASK=MODEL (e.g. cqa=runs/teacher-cqa/final, a teacher fine-tuned on the "
+            "task); the other tasks use --teacher"
+        },
+    )
     tasks: list[str] = field(
         default_factory=lambda: ["svamp", "cqa"], metadata={"help": f"tasks; known: {', '.join(RATIONALE_STUDY_TASKS)}"}
     )
@@ -815,6 +822,12 @@ class RationaleStudyConfig(RationaleTraining):
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LmdistillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        pairs = [entry.partition("=") for entry in self.task_teachers]
+        named = [task for task, _, _ in pairs]
+        if any(not sep or not model for _, sep, model in pairs) or len(set(named)) < len(named):
+            raise LmdistillError(f"--task-teachers must be distinct TASK=MODEL pairs, got {self.task_teachers}")
+        if set(named) - set(self.tasks):
+            raise LmdistillError(f"--task-teachers names tasks not in --tasks: {sorted(set(named) - set(self.tasks))}")
         self.check_training()
         # the stages' own checks, once, so that their errors come before any work
         task = self.tasks[0]
@@ -822,6 +835,10 @@ class RationaleStudyConfig(RationaleTraining):
         self.eval_config(task, model="model", out="eval.json")
         if "saliency" in self.arms:
             self.extract_config(task, out="rationales.jsonl")
+
+    def teacher_of(self, task: str) -> str:
+        """The teacher of ``task``: its --task-teachers entry, else --teacher."""
+        return dict(entry.split("=", 1) for entry in self.task_teachers).get(task, self.teacher)
 
     def arm_names(self, task: str) -> list[str]:
         """The arms run on ``task``: finetune, saliency-k<K> for every k (ascending), step-by-step, gold, as far as
@@ -851,7 +868,7 @@ class RationaleStudyConfig(RationaleTraining):
         """The extraction of a task's saliency rationales: the training examples, at the largest k, in score order
         (so that the first k words of each record are its top-k rationale for every smaller k)."""
         return RationaleExtractConfig(
-            teacher=self.teacher,
+            teacher=self.teacher_of(task),
             task=task,
             split="train",
             out=out,

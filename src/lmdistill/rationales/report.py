@@ -85,8 +85,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     train = "every training example" if config["train_limit"] is None else f"the first {config['train_limit']}"
     test = "every test example" if config["test_limit"] is None else f"the first {config['test_limit']}"
     stop = "stop words left out" if config["stop_words"] else "stop words kept"
+    teacher = config["teacher"]
+    if config["task_teachers"]:
+        teacher = f"{', '.join(config['task_teachers'])} (other tasks: {teacher})"
     setup = (
-        f"**Setup.** Teacher: {config['teacher']}. Student: `{config['student']}`; every run starts from it and "
+        f"**Setup.** Teacher: {teacher}. Student: `{config['student']}`; every run starts from it and "
         f"trains for {config['max_steps']} steps of {config['batch_size']} examples × {config['grad_accum']} "
         f"micro-batch(es) on {train} of the task's training split (a share of {config['val_fraction']} held out for "
         f"the label loss), with AdamW (lr {config['lr']}, {config['warmup_steps']} warmup steps, cosine decay to "
@@ -106,7 +109,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"\n\n**Partial results:** {results['runs_finished']} of the {results['runs_planned']} planned runs have "
             "finished; each arm shows the seeds finished so far."
         )
-    sections = [f"# Rationale study: {config['teacher']} → `{config['student']}`", setup]
+    sections = [f"# Rationale study: teacher → `{config['student']}`", setup]
     for name, task in results["tasks"].items():
         sections.append(f"## {TASK_NAMES.get(name, name)}")
         sections.append(task_table(task))

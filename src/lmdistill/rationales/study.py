@@ -96,8 +96,9 @@ def _teacher_accuracy(config: RationaleStudyConfig, out: Path, task: str) -> Non
     path = task_dir(out, task) / "teacher_eval.json"
     if path.is_file():
         return
-    log.info("task %s: evaluating the teacher %s on the test split", task, config.teacher)
-    results = _evaluate(config, task, config.teacher, path)
+    teacher = config.teacher_of(task)
+    log.info("task %s: evaluating the teacher %s on the test split", task, teacher)
+    results = _evaluate(config, task, teacher, path)
     log.info("task %s: teacher accuracy %.1f%%", task, 100 * results["accuracy"])
 
 
