@@ -17,9 +17,9 @@ from lmdistill.rationales import attribution
 from lmdistill.rationales.attribution import (
     answer_attributions,
     attribute,
+    choice_logprobs,
     choose,
     continuation_logprob,
-    continuation_logprobs,
 )
 from lmdistill.rationales.extract import extract_batch
 from lmdistill.rationales.tasks import (
@@ -367,7 +367,7 @@ def test_integrated_gradients_from_a_token_is_complete_where_from_zero_it_is_not
     with torch.no_grad():
         logp = {name: continuation_logprob(model, e, mask, targets, targets >= 0).item()
                 for name, e in (("x", embeds), ("zero", zero_prompt))}  # fmt: skip
-    logp["token"] = continuation_logprobs(model, [[pad_id] * len(prompt)], [answer], batch_size=1, pad_id=0).item()
+    logp["token"] = choice_logprobs(model, [[pad_id] * len(prompt)], [[answer]], batch_size=1, pad_id=0)[0].item()
 
     def total(**baseline) -> float:
         (scores,) = answer_attributions(model, [prompt], [answer], method="integrated-gradients", reduction="sum",
@@ -389,7 +389,7 @@ def test_saliency_is_the_gradient_of_the_answer_log_probability():
     target = logprobs[4, 7] + logprobs[5, 8]  # positions 4 and 5 predict the answer tokens
     (grad,) = torch.autograd.grad(target, embeds)
     torch.testing.assert_close(scores, grad[0, :5].abs().sum(-1))
-    torch.testing.assert_close(continuation_logprobs(model, [prompt], [answer], batch_size=1, pad_id=0),
+    torch.testing.assert_close(choice_logprobs(model, [prompt], [[answer]], batch_size=1, pad_id=0)[0],
                                target.detach().reshape(1))  # fmt: skip
 
 
@@ -408,19 +408,32 @@ def test_attributions_do_not_depend_on_the_batch(kind, method):
         torch.testing.assert_close(scores, alone[i], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_choices_from_the_prompt_cache_equal_whole_sequences(kind, batch_size):
+    # each prompt runs once and its choices continue from its cache; the reference runs every prompt + choice whole
+    model = tiny_teacher(kind)
+    prompts = [[5, 6, 7], [8, 9], [20, 21, 22, 23, 24, 25]]
+    choices = [[[10], [11, 12], [13]], [[14, 15, 16], [17]], [[30, 31], [32, 33, 34, 35], [36], [37]]]
+    scores = choice_logprobs(model, prompts, choices, batch_size=batch_size, pad_id=0)
+    for prompt, options, got in zip(prompts, choices, scores):
+        whole = []
+        for choice in options:
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([prompt + choice])).logits[0], dim=-1)  # [T, V]
+            whole.append(sum(logprobs[len(prompt) - 1 + j, token] for j, token in enumerate(choice)))
+        torch.testing.assert_close(got, torch.stack(whole), rtol=1e-4, atol=1e-5)
+
+
 def test_the_teacher_picks_the_most_likely_choice():
     model = tiny_teacher("llama")
     prompts = [[5, 6, 7], [8, 9]]
     choices = [[[10], [11, 12], [13]], [[14, 15, 16], [17]]]
-    total = continuation_logprobs(model, [prompts[0]] * 3 + [prompts[1]] * 2, [c for cs in choices for c in cs],
-                                  batch_size=2, pad_id=0)  # fmt: skip
-    lengths = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0])
-    assert choose(model, prompts, choices, batch_size=3, pad_id=0) == [int(total[:3].argmax()), int(total[3:].argmax())]
-    mean = total / lengths
-    assert choose(model, prompts, choices, batch_size=3, pad_id=0, per_token=True) == [
-        int(mean[:3].argmax()),
-        int(mean[3:].argmax()),
-    ]
+    total = choice_logprobs(model, prompts, choices, batch_size=2, pad_id=0)
+    assert choose(model, prompts, choices, batch_size=1, pad_id=0) == [int(t.argmax()) for t in total]
+    mean = [total[0] / torch.tensor([1.0, 2.0, 1.0]), total[1] / torch.tensor([3.0, 1.0])]
+    assert choose(model, prompts, choices, batch_size=1, pad_id=0, per_token=True) == [int(m.argmax()) for m in mean]
+    assert [int(t.argmax()) for t in total] != [int(m.argmax()) for m in mean]  # the two scores pick differently here
 
 
 # ---------------------------------------------------------------------------------------------------- the command

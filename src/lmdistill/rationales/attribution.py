@@ -21,6 +21,7 @@ output. Sequences are left-padded, the answer right-aligned, so that the output 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -91,34 +92,63 @@ def _layout(
 
 
 @torch.no_grad()
-def continuation_logprobs(
+def choice_logprobs(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
     *,
     batch_size: int,
     pad_id: int,
-) -> torch.Tensor:
-    """log p(continuation_i | prompt_i) for many pairs, in batches.
+) -> list[torch.Tensor]:
+    """log p(choice | prompt) of every choice of every prompt, each prompt run once: its choices continue from its
+    key-value cache (CQA's five choices of 2-3 tokens then cost about one prompt pass, not five).
 
     Args:
         model: a causal LM.
-        prompts: N token-id lists.
-        continuations: N non-empty token-id lists.
-        batch_size: pairs per forward pass.
+        prompts: N non-empty token-id lists.
+        choices: per prompt, C_i non-empty token-id lists.
+        batch_size: prompts per forward pass (the choice pass runs Σ C_i rows).
         pad_id: filler id.
 
     Returns:
-        float32 ``[N]``.
+        N float32 tensors, ``[C_i]`` each.
     """
     out = []
     for start in range(0, len(prompts), batch_size):
-        p, c = prompts[start : start + batch_size], continuations[start : start + batch_size]
-        ids, mask, _, answer_mask = _layout(p, c, pad_id, model.device)
-        width = max(len(x) for x in c)
-        embeds = model.get_input_embeddings()(ids)
-        out.append(continuation_logprob(model, embeds, mask, ids[:, -width:], answer_mask[:, -width:]))
-    return torch.cat(out)
+        batch, options = prompts[start : start + batch_size], choices[start : start + batch_size]
+        ids, mask = (t.to(model.device) for t in pad_left(batch, pad_id))  # [B, T]
+        result = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        owner = torch.tensor([i for i, cs in enumerate(options) for _ in cs], device=ids.device)  # [R]: row's prompt
+        rows = [list(c) for cs in options for c in cs]
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=ids.device)  # [R, W], right-padded
+        real = torch.zeros((len(rows), width), dtype=torch.bool, device=ids.device)
+        for r, row in enumerate(rows):
+            tokens[r, : len(row)] = torch.tensor(row)
+            real[r, : len(row)] = True
+        first = torch.log_softmax(result.logits[:, -1].float(), dim=-1)[owner]  # [R, V]: predicts each choice's 1st
+        scores = first.gather(-1, tokens[:, :1]).squeeze(-1)  # [R]
+        if width > 1:
+            # transformers 5.x renamed past_key_values (deprecated) to cache, in the arguments and the output
+            cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            cache = getattr(result, cache_argument)
+            cache.reorder_cache(owner)  # row r continues prompt owner[r]
+            logits = model(
+                input_ids=tokens[:, :-1],
+                attention_mask=torch.cat([mask[owner], real[:, :-1]], dim=-1),
+                position_ids=mask.sum(-1)[owner, None] + torch.arange(width - 1, device=ids.device),
+                **{cache_argument: cache},
+            ).logits  # [R, W-1, V]: position j predicts token j+1
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            scores = scores + torch.where(real[:, 1:], logprobs, 0.0).sum(-1)
+        out += list(scores.split([len(cs) for cs in options]))
+    return out
 
 
 def choose(
@@ -136,23 +166,18 @@ def choose(
         model: a causal LM.
         prompts: B token-id lists.
         choices: per prompt, the token ids of each choice's continuation (non-empty).
-        batch_size: sequences per forward pass.
+        batch_size: prompts per forward pass.
         pad_id: filler id.
         per_token: compare the mean log-probability per token instead of the sum.
 
     Returns:
         B indices into each prompt's choices (the first on ties).
     """
-    pairs = [(p, c) for p, options in zip(prompts, choices) for c in options]
-    scores = continuation_logprobs(
-        model, [p for p, _ in pairs], [c for _, c in pairs], batch_size=batch_size, pad_id=pad_id
-    )
-    if per_token:
-        scores = scores / torch.tensor([len(c) for _, c in pairs], dtype=scores.dtype, device=scores.device)
-    picks, start = [], 0
-    for options in choices:
-        picks.append(int(scores[start : start + len(options)].argmax()))
-        start += len(options)
+    picks = []
+    for scores, options in zip(choice_logprobs(model, prompts, choices, batch_size=batch_size, pad_id=pad_id), choices):
+        if per_token:
+            scores = scores / torch.tensor([len(c) for c in options], dtype=scores.dtype, device=scores.device)
+        picks.append(int(scores.argmax()))
     return picks
 
 
