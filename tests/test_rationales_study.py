@@ -186,7 +186,10 @@ def test_the_shipped_config_loads():
     config = RationaleStudyConfig(**load_yaml(ROOT / "configs" / "rationales-svamp-cqa.yaml", RationaleStudyConfig))
     assert config.tasks == ["svamp", "cqa"] and config.seeds == [0, 1, 2] and config.saliency_ks == [1, 3, 5, 7, 10]
     assert config.arms == ["finetune", "saliency", "step-by-step", "gold"] and config.teacher == "default"
-    assert (config.max_steps, config.batch_size, config.lr, config.method) == (300, 8, 1e-3, "saliency")
+    assert config.teacher_of("cqa") == "runs/teacher-choice/ft-cqa/final"
+    assert config.teacher_of("svamp") == "runs/teacher-choice/ft-svamp/final"
+    assert (config.max_steps, config.batch_size, config.lr, config.method) == (100, 8, 1e-3, "saliency")
+    assert (config.train_limit, config.test_limit) == (800, None)
     assert config.arm_names("svamp")[-1] == "step-by-step" and config.arm_names("cqa")[-1] == "gold"
     assert len(config.runs()) == 3 * (7 + 8)
 
