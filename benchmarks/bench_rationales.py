@@ -58,7 +58,7 @@ from captum.attr import (
 from lmdistill.config import AttributionMethod, RationaleExtractConfig
 from lmdistill.models.load import load_teacher
 from lmdistill.provenance import environment
-from lmdistill.rationales.attribution import answer_attributions, continuation_logprobs
+from lmdistill.rationales.attribution import answer_attributions, choice_logprobs
 from lmdistill.rationales.extract import encode_answer, extract_batch, teacher_answers
 from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
 
@@ -153,7 +153,8 @@ def reference(model, prompt: list[int], answer: list[int], method: str, ig_steps
 def captum_completeness_err(model, rows: list[Row], theirs: list[torch.Tensor], pad_id: int) -> float:
     """Worst |Σ attributions − (f(x) − f(baseline))| / |f(x) − f(baseline)|, f = log p(answer | prompt)."""
     prompts = [p for _, p, _ in rows] + [[CAPTUM_BASELINE_ID] * len(p) for _, p, _ in rows]
-    f = continuation_logprobs(model, prompts, [a for _, _, a in rows] * 2, batch_size=1, pad_id=pad_id).cpu()
+    answers = [[a] for _, _, a in rows] * 2
+    f = torch.cat(choice_logprobs(model, prompts, answers, batch_size=1, pad_id=pad_id)).cpu()
     delta = f[: len(rows)] - f[len(rows) :]
     return max(float((t.sum() - d).abs() / d.abs().clamp(min=1e-30)) for t, d in zip(theirs, delta))
 
