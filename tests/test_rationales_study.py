@@ -190,6 +190,9 @@ def test_the_shipped_config_loads():
     assert config.teacher_of("svamp") == "runs/teacher-choice/ft-svamp/final"
     assert (config.max_steps, config.batch_size, config.lr, config.method) == (100, 8, 1e-3, "saliency")
     assert (config.train_limit, config.test_limit) == (800, None)
+    check = RationaleStudyConfig(**load_yaml(ROOT / "configs" / "rationales-svamp-ws12.yaml", RationaleStudyConfig))
+    assert check.arm_names("svamp") == ["finetune", "saliency-k5", "step-by-step"] and len(check.runs()) == 6
+    assert (check.teacher_of("svamp"), check.train_limit) == (config.teacher_of("svamp"), config.train_limit)
     assert config.arm_names("svamp")[-1] == "step-by-step" and config.arm_names("cqa")[-1] == "gold"
     assert len(config.runs()) == 3 * (7 + 8)
 
