@@ -315,6 +315,7 @@ def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
             assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records, examples))
     # the step-by-step rationales are the 540B model's: the training data holds them
     report = (out / "report.md").read_text()
+    assert report.startswith(f"# Rationale study of `{ws / 'student'}`") and f"cqa={ws / 'teacher-cqa'}" in report
     for name in expected["cqa"]:
         assert f"| `{name}` |" in report
     assert report.count("| teacher |") == 2 and "## SVAMP" in report and "gold answer or one of the choices" in report

@@ -109,7 +109,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"\n\n**Partial results:** {results['runs_finished']} of the {results['runs_planned']} planned runs have "
             "finished; each arm shows the seeds finished so far."
         )
-    sections = [f"# Rationale study: teacher → `{config['student']}`", setup]
+    sections = [f"# Rationale study of `{config['student']}`", setup]
     for name, task in results["tasks"].items():
         sections.append(f"## {TASK_NAMES.get(name, name)}")
         sections.append(task_table(task))
