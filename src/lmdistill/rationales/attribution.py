@@ -50,6 +50,11 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: int64 ``[B, T]``, 0 at each row's first real token (and on its padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def continuation_logprob(
     model: PreTrainedModel,
     embeds: torch.Tensor,
@@ -69,10 +74,12 @@ def continuation_logprob(
     Returns:
         float32 ``[B]``: Σ over continuation tokens of log p(token | everything before it).
     """
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]: 0 at each row's first real token
     width = targets.shape[1]
     logits = model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, logits_to_keep=width + 1
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=positions_of(attention_mask),
+        logits_to_keep=width + 1,
     ).logits[:, :-1]  # [B, A, V]: position T-A-1+j predicts token T-A+j
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, A]
     return torch.where(target_mask, logprobs, 0.0).sum(-1)
@@ -120,7 +127,7 @@ def choice_logprobs(
         result = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+            position_ids=positions_of(mask),
             use_cache=True,
             logits_to_keep=1,
         )
