@@ -124,7 +124,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     """Write `accuracy_vs_k.png`: per task, the saliency arms' accuracy against k (error bars: std over seeds, where
     several), the other arms (bands: their std) and the teacher as horizontal lines."""
     tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), dpi=120, squeeze=False)
+    # at least 8 inches wide, so that one task's figure holds the title
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8.0, 5.2 * len(tasks)), 4.2), dpi=120, squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, (name, task) in zip(axes[0], tasks.items()):
         saliency = sorted(
