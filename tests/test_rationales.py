@@ -659,3 +659,16 @@ def test_a_broken_rationales_file_for_train_names_the_flag_file_and_line(teacher
     assert main([str(a) for a in command + [tmp_path / "latin1.jsonl"]]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_reads_a_rationales_file_without_a_final_newline_whole_and_leaves_it_alone(tmp_path):
+    from lmdistill.config import RationaleTrainConfig
+    from lmdistill.rationales.train import rationale_targets
+
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    path = tmp_path / "hand-written.jsonl"
+    path.write_text('{"id": "q1", "rationale": "cat mat"}\n{"id": "q3", "rationale": "test words"}')  # no final \n
+    before = path.read_bytes()
+    config = RationaleTrainConfig(student="s", out="o", task="jsonl", data=data, rationales=str(path))
+    assert rationale_targets(load_task("jsonl", "train", data=data), config) == {"q1": "cat mat", "q3": "test words"}
+    assert path.read_bytes() == before
