@@ -606,3 +606,69 @@ def test_integrated_gradients_settings_matter_on_resume_only_for_integrated_grad
     assert "--ig-baseline 'zero' (now 'token')" in capsys.readouterr().err
     assert extract(teacher_dir, data, ig, "--limit", 2, *method, "--ig-baseline", "zero") == 0
     assert len(lines(ig)) == 2
+
+
+def test_duplicate_ids_name_the_file_and_both_lines(tmp_path):
+    rows = [{"id": "x", "input": "a", "label": "b"}, "", {"id": "y", "input": "a", "label": "b"}]
+    path = write_jsonl(tmp_path / "dup.jsonl", [*rows, {"id": "x", "input": "c", "label": "d"}])
+    message = loader_error("jsonl", "train", data=path)
+    assert f"{path} lines 1 and 4: the id 'x' occurs twice" in message
+    # a default id ({split}-{index}) colliding with a given one
+    path = write_jsonl(
+        tmp_path / "default.jsonl", [{"id": "train-1", "input": "a", "label": "b"}, {"input": "c", "label": "d"}]
+    )
+    assert "lines 1 and 2: the id 'train-1' occurs twice" in loader_error("jsonl", "train", data=path)
+
+
+def test_extract_refuses_an_out_that_cannot_be_the_rationale_file(teacher_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    command = ["rationales", "extract", "--teacher", teacher_dir, "--task", "jsonl", "--data", data, "--out"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert f"--out {folder} is a directory" in cli_error(capsys, *command, folder)
+    (tmp_path / "file").write_text("x")
+    for below in (tmp_path / "file" / "r.jsonl", tmp_path / "file" / "deeper" / "r.jsonl"):
+        assert f"{tmp_path / 'file'} is a file, not a directory" in cli_error(capsys, *command, below)
+    (tmp_path / "r.jsonl.config.yaml").mkdir()
+    message = cli_error(capsys, *command, tmp_path / "r.jsonl")
+    assert f"{tmp_path / 'r.jsonl.config.yaml'}, where the settings of --out" in message and "is a directory" in message
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_broken_rationales_file_for_train_names_the_flag_file_and_line(teacher_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    command = ["rationales", "train", "--student", teacher_dir, "--task", "jsonl", "--data", data, "--out",
+               tmp_path / "run", "--no-progress", "--rationales"]  # fmt: skip
+    good = {"id": "q1", "label": "mat", "rationale": "cat mat"}
+    cases = {
+        "bad-json": ([good, "{oops"], "line 2 is not a rationale record: invalid JSON"),
+        "no-rationale": (
+            [{"id": "q1", "label": "mat"}],
+            "line 1 is not a rationale record: no string field 'rationale'",
+        ),
+        "no-id": ([good, "", {"rationale": "x"}], "line 3 is not a rationale record: no string field 'id'"),
+        "array": (["[1, 2]"], "line 1 is not a rationale record: a JSON list, not an object"),
+    }
+    for name, (rows, expected) in cases.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        assert main([str(a) for a in command + [path]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("lmdistill rationales train: error: "), err
+        assert f"--rationales {path} {expected}" in err and err.endswith("give another --rationales"), err
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"id": "q1", "rationale": "caf\xe9"}\n')
+    assert main([str(a) for a in command + [tmp_path / "latin1.jsonl"]]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_reads_a_rationales_file_without_a_final_newline_whole_and_leaves_it_alone(tmp_path):
+    from lmdistill.config import RationaleTrainConfig
+    from lmdistill.rationales.train import rationale_targets
+
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    path = tmp_path / "hand-written.jsonl"
+    path.write_text('{"id": "q1", "rationale": "cat mat"}\n{"id": "q3", "rationale": "test words"}')  # no final \n
+    before = path.read_bytes()
+    config = RationaleTrainConfig(student="s", out="o", task="jsonl", data=data, rationales=str(path))
+    assert rationale_targets(load_task("jsonl", "train", data=data), config) == {"q1": "cat mat", "q3": "test words"}
+    assert path.read_bytes() == before

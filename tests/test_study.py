@@ -13,9 +13,10 @@ import yaml
 from conftest import save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
-from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, load_yaml
+from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
-from lmdistill.study import collect_results, run_dir, student_dir
+from lmdistill.study import collect_results, run_dir, student_dir, write_results
+from lmdistill.train.loop import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = {
@@ -46,7 +47,12 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     previous = os.environ.get("LMDISTILL_CACHE")
     os.environ["LMDISTILL_CACHE"] = str(root / "cache")
-    settings = dict(TINY_STUDY, teacher=str(save_tiny_teacher(root / "teacher")), data=[str(write_corpus(root / "c"))])
+    corpus = str(write_corpus(root / "c"))
+    # a teacher trained on the corpus, so that it is better than the `random` arm and the gap closed is defined
+    teacher = TrainConfig(student=str(save_tiny_teacher(root / "teacher")), out=str(root / "teacher-run"),
+                          data=[corpus], seq_len=16, batch_size=8, max_steps=40, lr=1e-2, warmup_steps=2,
+                          precision="fp32", progress=False, eval_tokens=64, val_fraction=0.2)  # fmt: skip
+    settings = dict(TINY_STUDY, teacher=run_train(teacher)["final"], data=[corpus])
     config_file = root / "study.yaml"
     config_file.write_text(yaml.safe_dump(settings))
     out = root / "out"
@@ -184,3 +190,53 @@ def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():
 def test_invalid_study_configs_are_refused_with_the_option_named(overrides, message):
     with pytest.raises(LmdistillError, match=message):
         StudyConfig(out="x", **overrides)
+
+
+def test_the_precision_the_runs_used_is_recorded_and_reported(study):
+    out, _, _ = study
+    results = json.loads((out / "results.json").read_text())
+    assert (results["environment"]["precision"], results["environment"]["precision_reason"]) == ("fp32", "set to fp32")
+    for path in (out / "environment.json", run_dir(out, "random", 0) / "environment.json"):
+        assert json.loads(path.read_text())["precision"] == "fp32", path
+    report = (out / "report.md").read_text()
+    assert "runs in fp32 (set to fp32)" in report and "Warning" not in report
+
+
+SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8,
+         "intermediate_size": 24, "vocab_size": 96}  # fmt: skip
+
+
+@pytest.mark.parametrize("teacher_loss", [5.5, 9.0])
+def test_a_teacher_not_better_than_random_leaves_the_gap_closed_undefined(tmp_path, teacher_loss):
+    config = StudyConfig(
+        out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], ablations=["guide-centered"], ablation_seeds=[2]
+    )
+    losses = {("random", 0): 5.0, ("random", 1): 6.0, ("guide", 0): 4.0, ("guide", 1): 5.75, ("guide-centered", 2): 4.5}
+    for (arm, seed), loss in losses.items():
+        fake_run(tmp_path, arm, seed, loss)
+        report = student_dir(tmp_path, STUDY_ARMS[arm], seed) / "init_report.json"
+        report.write_text(
+            json.dumps({**json.loads(report.read_text()), "student": {"shape": SHAPE, "parameters": 1e4}})
+        )
+    teacher = {"name": "tiny", "parameters": 1e5, "val_loss": teacher_loss, "val_ppl": math.exp(teacher_loss)}
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    results = write_results(config, tmp_path)
+    arms = json.loads((tmp_path / "results.json").read_text())["arms"]
+    assert results["arms"] == arms
+    if teacher_loss == 5.5:  # seed 0: the random run (5.0) beats the teacher; seed 1 (6.0) does not
+        assert [r["gap_closed_loss"] for r in arms["guide"]["per_seed"]] == [None, pytest.approx(0.5)]
+        assert arms["guide"]["per_seed"][0]["gap_closed_ppl"] is None
+        assert arms["guide-centered"]["gap_closed_loss"] is None  # against the mean random loss, 5.5: no gap
+    else:
+        assert all(r[f"gap_closed_{f}"] is None for a in arms.values() for r in a["per_seed"] for f in ("loss", "ppl"))
+    for name, arm in arms.items():
+        assert arm["gap_closed_loss"] is None and arm["gap_closed_loss_std"] is None, name
+        # the mean of the random perplexities (275.9) is above the teacher's (244.7): that form has a gap
+        assert (arm["gap_closed_ppl"] is None) == (name != "guide-centered" or teacher_loss == 9.0), name
+    report = (tmp_path / "report.md").read_text()
+    seeds = "0" if teacher_loss == 5.5 else "0, 1"
+    assert f"**Warning: gap closed undefined.** The teacher's held-out loss ({teacher_loss:.3f}) is not below" in report
+    assert f"`random` run of seed(s) {seeds}:" in report and "null in results.json" in report
+    teacher_row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
+    assert "100 %" not in teacher_row and "| — | — |" in teacher_row
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

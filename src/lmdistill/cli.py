@@ -56,14 +56,16 @@ def _cache_teacher(config: CacheTeacherConfig) -> None:
 
 
 def _eval(config: EvalConfig) -> None:
-    from lmdistill.evaluate import run_eval
+    from lmdistill.evaluate import GAP_UNDEFINED, run_eval
 
     results = run_eval(config)
     for name in ("model", "baseline", "teacher"):
         if name in results:
             r = results[name]
             print(f"{name:9s} val loss {r['val_loss']:.4f} nats/token, perplexity {r['val_ppl']:.2f}")
-    if "gap_closed_loss" in results:
+    if "gap_closed_loss" in results and results["gap_closed_loss"] is None:
+        print(f"gap closed: {GAP_UNDEFINED}")
+    elif "gap_closed_loss" in results:
         print(
             f"gap closed: {100 * results['gap_closed_loss']:.1f}% (loss), {100 * results['gap_closed_ppl']:.1f}% "
             "(perplexity)"

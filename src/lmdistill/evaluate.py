@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
+from lmdistill.errors import LmdistillError
 from lmdistill.losses import chunked_distill_loss
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
@@ -50,9 +51,25 @@ def fast_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bo
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_precision(device: torch.device, precision: str) -> tuple[str, str]:
+    """The precision a setting ("auto", "bf16" or "fp32") runs in on `device`, "bf16" or "fp32", and why.
+
+    "auto" is bf16 where bf16 products are fast (see `fast_bf16`), else fp32. Runs record both in environment.json:
+    results differ between machines with and without native bf16.
+    """
+    if precision != "auto":
+        return precision, f"set to {precision}"
+    fast = fast_bf16(device)
+    if device.type == "cuda":
+        return ("bf16", "auto: CUDA GPU with bf16") if fast else ("fp32", "auto: CUDA GPU without bf16")
+    if fast:
+        return "bf16", "auto: CPU with AVX512-BF16/AMX"
+    return "fp32", "auto: CPU without AVX512-BF16/AMX, bf16 would be emulated"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for precision "bf16" (and for "auto" where bf16 is fast, see `fast_bf16`), else nothing."""
-    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
+    """bf16 autocast where the setting `precision` resolves to bf16 (see `resolve_precision`), else nothing."""
+    if resolve_precision(device, precision)[0] == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -142,6 +159,9 @@ def perplexity(loss: float) -> float:
     return math.exp(loss)
 
 
+GAP_UNDEFINED = "undefined: the teacher is not better than the baseline"
+
+
 def gap_closed(base: float, method: float, teacher: float) -> float:
     """Share of the teacher-student gap a method closes: (base - method) / (base - teacher).
 
@@ -154,10 +174,26 @@ def gap_closed(base: float, method: float, teacher: float) -> float:
         teacher: the teacher's value.
 
     Returns:
-        The share (a fraction, not a percentage); NaN when the baseline equals the teacher.
+        The share (a fraction, not a percentage); NaN (undefined) unless the teacher is better than the baseline
+        (base > teacher): otherwise the ratio would turn a method worse than the baseline into a positive share.
     """
     gap = base - teacher
-    return (base - method) / gap if gap != 0 else float("nan")
+    return (base - method) / gap if gap > 0 else float("nan")
+
+
+def gap_closed_forms(
+    base: dict[str, float], method: dict[str, float], teacher: dict[str, float]
+) -> dict[str, float | None]:
+    """`gap_closed` in the loss and the perplexity form of results holding ``val_loss`` and ``val_ppl``.
+
+    Returns:
+        ``gap_closed_loss`` and ``gap_closed_ppl``, each None (JSON null) where undefined (see `GAP_UNDEFINED`).
+    """
+    shares: dict[str, float | None] = {}
+    for form in ("loss", "ppl"):
+        share = gap_closed(base[f"val_{form}"], method[f"val_{form}"], teacher[f"val_{form}"])
+        shares[f"gap_closed_{form}"] = None if math.isnan(share) else share
+    return shares
 
 
 def run_eval(config: Any) -> dict[str, Any]:
@@ -172,26 +208,31 @@ def run_eval(config: Any) -> dict[str, Any]:
     model, tokenizer, _ = load_hf_directory(Path(config.model), torch.float32)
     data = prepare_data(config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction)
     blocks = data.val if config.eval_tokens is None else data.val[: max(1, config.eval_tokens // config.seq_len)]
+    precision = resolve_precision(next(model.parameters()).device, config.precision)
 
-    def measure(lm: PreTrainedModel) -> dict[str, float]:
+    def measure(lm: PreTrainedModel, role: str, name: str) -> dict[str, float]:
         loss = heldout_loss(lm, blocks, batch_size=config.batch_size, precision=config.precision)
+        if not math.isfinite(loss):
+            raise LmdistillError(
+                f"the {role} {name} has a non-finite held-out loss ({loss}) in {precision[0]}: its weights or its "
+                "forward pass give NaN or inf"
+            )
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
-    results: dict[str, Any] = {"model": {"path": config.model, **measure(model)}}
+    results: dict[str, Any] = {"model": {"path": config.model, **measure(model, "--model", config.model)}}
     if config.teacher is not None:
         teacher = load_teacher(config.teacher)
         check_same_vocabulary(model, tokenizer, teacher.model, teacher.tokenizer)
-        results["teacher"] = {"name": teacher.name, **measure(teacher.model)}
+        results["teacher"] = {"name": teacher.name, **measure(teacher.model, "--teacher", teacher.name)}
     if config.baseline is not None:
         baseline, baseline_tokenizer, _ = load_hf_directory(Path(config.baseline), torch.float32)
         check_same_vocabulary(model, tokenizer, baseline, baseline_tokenizer)
-        results["baseline"] = {"path": config.baseline, **measure(baseline)}
+        results["baseline"] = {"path": config.baseline, **measure(baseline, "--baseline", config.baseline)}
     if "teacher" in results and "baseline" in results:
-        results["gap_closed_loss"] = gap_closed(*(results[k]["val_loss"] for k in ("baseline", "model", "teacher")))
-        results["gap_closed_ppl"] = gap_closed(*(results[k]["val_ppl"] for k in ("baseline", "model", "teacher")))
+        results.update(gap_closed_forms(results["baseline"], results["model"], results["teacher"]))
     results["data"] = {"fingerprint": data.fingerprint, "tokens": int(blocks.size), "seq_len": config.seq_len}
     results["config"] = vars(config)
-    results["environment"] = environment()
+    results["environment"] = environment(precision)
     out = Path(config.out) if config.out else Path(config.model) / "eval.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     results["written_to"] = str(out)

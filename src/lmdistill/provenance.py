@@ -1,9 +1,12 @@
-"""What a run records about where it ran: package versions, hardware, the git commit of lmdistill."""
+"""What a run records about where it ran: package versions, hardware, precision, the git commit of lmdistill."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,11 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status)}
 
 
-def environment() -> dict[str, Any]:
-    """Versions, device and git state, for the files every run writes."""
+def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Versions, device and git state, for the files every run writes; with ``precision``, the precision the run's
+    forward passes used and why (`lmdistill.evaluate.resolve_precision`) as ``precision`` and ``precision_reason``."""
     cuda = torch.cuda.is_available()
-    return {
+    env = {
         "lmdistill": lmdistill.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -45,3 +49,24 @@ def environment() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "git": git_state(),
     }
+    if precision is not None:
+        env["precision"], env["precision_reason"] = precision
+    return env
+
+
+def recorded_precision(runs: Iterable[Path]) -> tuple[str, str] | None:
+    """The precision and its reason that the runs in these directories recorded in their environment.json; when they
+    differ, "mixed" (or the common precision) with each reason and its number of runs; None when none recorded one."""
+    found: Counter[tuple[str, str]] = Counter()
+    for run in runs:
+        path = run / "environment.json"
+        env = json.loads(path.read_text()) if path.is_file() else {}
+        if "precision" in env:
+            found[env["precision"], env["precision_reason"]] += 1
+    if not found:
+        return None
+    precisions = {precision for precision, _ in found}
+    precision = precisions.pop() if len(precisions) == 1 else "mixed"
+    if len(found) == 1:
+        return precision, next(iter(found))[1]
+    return precision, "; ".join(f"{p} in {n} run{'s' * (n > 1)} ({reason})" for (p, reason), n in found.items())

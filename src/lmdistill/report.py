@@ -34,6 +34,36 @@ def plus_minus(mean: float | None, std: float | None, scale: float = 1.0, digits
     return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
 
 
+def precision_text(env: dict[str, Any]) -> str:
+    """The runs' precision and its reason as a phrase of the setup paragraph (``precision`` of the results'
+    environment, from the runs' environment.json; see `lmdistill.provenance.recorded_precision`)."""
+    precision = env.get("precision")
+    if precision is None:
+        return "precision not recorded"
+    shown = "bf16 and fp32" if precision == "mixed" else precision
+    return f"runs in {shown} ({env['precision_reason']})"
+
+
+def undefined_gap_seeds(results: dict[str, Any]) -> list[int]:
+    """The seeds whose `random` run is not worse than the teacher: there the gap closed is undefined (null)."""
+    random = results["arms"].get("random")
+    teacher_loss = results["teacher"]["val_loss"]
+    return [r["seed"] for r in random["per_seed"] if r["val_loss"] <= teacher_loss] if random else []
+
+
+def gap_warning(results: dict[str, Any]) -> str | None:
+    """A warning line when the gap closed is undefined for some seed (see `undefined_gap_seeds`), else None."""
+    seeds = undefined_gap_seeds(results)
+    if not seeds:
+        return None
+    return (
+        f"**Warning: gap closed undefined.** The teacher's held-out loss ({results['teacher']['val_loss']:.3f}) is "
+        f"not below that of the `random` run of seed(s) {', '.join(map(str, seeds))}: there (L_random − L_arm) / "
+        "(L_random − L_teacher) would turn an arm worse than `random` into a positive share, so the gap closed is "
+        "left out (null in results.json) wherever its baseline is not worse than the teacher."
+    )
+
+
 def headline_table(results: dict[str, Any]) -> str:
     """The Markdown table of arms: held-out loss, perplexity and gap closed (mean ± standard deviation over seeds)."""
     rows = [
@@ -53,9 +83,10 @@ def headline_table(results: dict[str, Any]) -> str:
             f"| {arm['step0_val_loss']:.2f} | {arm['tokens']:,} | {arm['seconds'] / 60:.1f} min |"
         )
     teacher = results["teacher"]
+    teacher_share = "—" if undefined_gap_seeds(results) else "100 %"
     rows.append(
         f"| teacher | {teacher['name']}, {teacher['parameters'] / 1e6:.1f}M parameters | — | {teacher['val_loss']:.3f} "
-        f"| {teacher['val_ppl']:.1f} | 100 % | 100 % | — | — | — |"
+        f"| {teacher['val_ppl']:.1f} | {teacher_share} | {teacher_share} | — | — | — |"
     )
     return "\n".join(rows)
 
@@ -95,8 +126,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"evaluated on the same {setup['eval_tokens']:,} held-out tokens; the gap closed is (L_random − L_arm) / "
         "(L_random − L_teacher), paired with the `random` run of the same seed, in the loss form and in the "
         "perplexity form. Spreads are standard deviations over seeds (none with one seed). Ran on "
-        f"{device}, torch {env['torch']}, lmdistill {env['lmdistill']} (commit {commit})."
+        f"{device}, {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} (commit {commit})."
     )
+    warning = gap_warning(results)
+    if warning:
+        setup_text += f"\n\n{warning}"
     if results["runs_finished"] < results["runs_planned"]:
         setup_text += (
             f"\n\n**Partial results:** {results['runs_finished']} of the {results['runs_planned']} planned runs have "
@@ -156,7 +190,11 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
         bars = ax.bar(names, values, yerr=errors, capsize=4, color=[colors(list(arms).index(n)) for n in names])
         ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no `random` arm: the gap closed is undefined", ha="center", transform=ax.transAxes)
+        if undefined_gap_seeds(results):
+            text = "the teacher is not better than `random`: the gap closed is undefined"
+        else:
+            text = "no `random` arm: the gap closed is undefined" if "random" not in arms else "no arm but `random`"
+        ax.text(0.5, 0.5, text, ha="center", transform=ax.transAxes)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("gap closed vs random init (%, loss form)")
     ax.set_title("Teacher–student gap closed (error bars: std over seeds, where several)", fontsize=10)

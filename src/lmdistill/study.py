@@ -32,11 +32,11 @@ from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, to_ya
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import gap_closed, heldout_loss, perplexity
+from lmdistill.evaluate import gap_closed_forms, heldout_loss, perplexity, resolve_precision
 from lmdistill.init.run import run_init
 from lmdistill.models.load import load_hf_directory, load_teacher
-from lmdistill.provenance import environment
-from lmdistill.report import write_plots, write_report
+from lmdistill.provenance import environment, recorded_precision
+from lmdistill.report import undefined_gap_seeds, write_plots, write_report
 from lmdistill.teacher_cache import write_cache
 from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
@@ -157,7 +157,9 @@ def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) ->
     """Gather the finished runs into the results: per arm and seed, then means and spreads over seeds.
 
     The gap closed of a run is measured against the `random` run of the same seed when there is one (the pairing
-    removes the data-independent part of the seed-to-seed noise), else against the mean of the `random` runs.
+    removes the data-independent part of the seed-to-seed noise), else against the mean of the `random` runs; it is
+    None (null) where that baseline is not worse than the teacher. The environment holds the precision the runs
+    recorded.
 
     Args:
         config: the study's config.
@@ -197,11 +199,11 @@ def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) ->
     for arm_name, runs in per_run.items():
         arm = STUDY_ARMS[arm_name]
         for r in runs:
-            paired = base.get(r["seed"])
-            for form in ("loss", "ppl"):
-                key = f"val_{form}"
-                reference = paired[key] if paired else statistics.mean(b[key] for b in base.values()) if base else None
-                r[f"gap_closed_{form}"] = None if reference is None else gap_closed(reference, r[key], teacher[key])
+            if not base:  # no `random` arm, no baseline
+                r.update(gap_closed_loss=None, gap_closed_ppl=None)
+                continue
+            mean_base = {k: statistics.mean(b[k] for b in base.values()) for k in ("val_loss", "val_ppl")}
+            r.update(gap_closed_forms(base.get(r["seed"], mean_base), r, teacher))
         summary = {"init": arm.init, "pca": arm.pca if arm.init.startswith("guide") else None, "loss": arm.loss}
         for key in ("val_loss", "val_ppl", "gap_closed_loss", "gap_closed_ppl", "step0_val_loss", "seconds"):
             values = [r[key] for r in runs]
@@ -222,7 +224,7 @@ def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) ->
         "runs_finished": sum(len(runs) for runs in per_run.values()),
         "runs_planned": len(config.runs()),
         "config": vars(config),
-        "environment": environment(),
+        "environment": environment(recorded_precision(run_dir(out, a, r["seed"]) for a in per_run for r in per_run[a])),
     }
     cache = out / "teacher-cache"
     if (cache / "build.json").is_file():
@@ -237,6 +239,8 @@ def write_results(config: StudyConfig, out: Path, *, partial: bool = False) -> d
     """Collect the results and write results.json, report.md, curves.png and gap.png; return the results."""
     results = collect_results(config, out, partial=partial)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if undefined_gap_seeds(results):
+        log.warning("the gap closed is undefined for some seeds (null): the teacher is not better than `random`")
     write_report(results, out / "report.md")
     write_plots(results, out)
     results["written_to"] = str(out)
@@ -258,9 +262,11 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     check_resumable(config, out, growable=("arms", "ablations", "seeds", "ablation_seeds"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.yaml").write_text(to_yaml(config))
-    (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
-
     teacher = load_teacher(config.teacher)
+    # the precision of the study's own forward passes (teacher, step-0 losses, teacher cache); runs record theirs
+    precision = resolve_precision(next(teacher.model.parameters()).device, config.precision)
+    (out / "environment.json").write_text(json.dumps(environment(precision), indent=2) + "\n")
+
     data = prepare_data(config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction)
     val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]  # the blocks `lmdistill train` evaluates on
     _measure_teacher(config, out, teacher, val_blocks)

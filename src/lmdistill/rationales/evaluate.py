@@ -75,7 +75,7 @@ def run_rationale_eval(config: RationaleEvalConfig) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "predictions": predictions,
         "config": vars(config),
-        "environment": environment(),
+        "environment": environment(("fp32", "rationales eval always runs in fp32")),
     }
     out = Path(config.out) if config.out else Path(config.model) / "rationales_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)

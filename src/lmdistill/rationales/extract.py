@@ -50,12 +50,12 @@ def settings_path(out: Path) -> Path:
 
 
 def read_records(out: Path) -> list[dict[str, Any]]:
-    """The records of a rationale file (none if it does not exist).
+    """The records of the rationale file ``--out`` (none if it does not exist).
 
     An incomplete last line (a write cut short) is removed from the file with a warning.
 
     Raises:
-        LmdistillError: a line that is not a rationale record.
+        LmdistillError: a line that is not a rationale record (see `parse_records`).
     """
     if not out.exists():
         return []
@@ -65,16 +65,64 @@ def read_records(out: Path) -> list[dict[str, Any]]:
         log.warning("%s: removing an incomplete last line (an interrupted write)", out)
         with out.open("r+b") as f:
             f.truncate(whole)
+    return parse_records(out, "--out")
+
+
+def parse_records(path: Path, flag: str, fields: tuple[str, ...] = ("id",)) -> list[dict[str, Any]]:
+    """The records of a rationale file, one JSON object per line (blank lines skipped), each with string ``fields``.
+
+    Args:
+        path: the file, which exists.
+        flag: the option that gave it, named in errors.
+        fields: the fields every record must have as strings.
+
+    Raises:
+        LmdistillError: a line that is not such a record, named by file and line.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LmdistillError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     records = []
-    for line_no, line in enumerate(data[:whole].decode("utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record["id"], str):
-                raise KeyError("id")
-        except (json.JSONDecodeError, KeyError):
-            raise LmdistillError(f"{out} line {line_no} is not a rationale record; give another --out") from None
+            problem = _record_problem(record, fields)
+        except json.JSONDecodeError as exc:
+            problem = f"invalid JSON ({exc.msg})"
+        if problem:
+            raise LmdistillError(
+                f"{flag} {path} line {line_no} is not a rationale record: {problem}; give another {flag}"
+            )
         records.append(record)
     return records
+
+
+def _record_problem(record: Any, fields: tuple[str, ...]) -> str | None:
+    """What keeps a parsed JSON line from being a record with string ``fields``; None if nothing."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [f for f in fields if not isinstance(record.get(f), str)]
+    return f"no string field {missing[0]!r}" if missing else None
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a rationale file: a directory, a path below a file, or one whose settings
+    file (`settings_path`) is a directory."""
+    if out.is_dir():
+        raise LmdistillError(
+            f"--out {out} is a directory: give the file to write, e.g. --out {out / 'rationales.jsonl'}"
+        )
+    above = next(p for p in out.parents if p.exists())  # the nearest existing folder above, "." at the latest
+    if not above.is_dir():
+        raise LmdistillError(f"--out {out}: {above} is a file, not a directory")
+    if settings_path(out).is_dir():
+        raise LmdistillError(
+            f"{settings_path(out)}, where the settings of --out {out} are kept, is a directory: move it or give "
+            "another --out"
+        )
 
 
 def _resolved(config: RationaleExtractConfig) -> RationaleExtractConfig:
@@ -223,6 +271,7 @@ def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:
         the file's records), ``seconds`` and ``examples_per_s`` of this run's extraction (teacher loading excluded).
     """
     out = Path(config.out)
+    _check_out(out)
     examples = load_task(
         config.task, config.split, data=config.data, size=config.size, seed=config.seed, limit=config.limit
     )

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmdistill.report import plus_minus  # noqa: E402
+from lmdistill.report import plus_minus, precision_text  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic"}
 ARM_DESCRIPTIONS = {
@@ -101,8 +101,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"record's first k words. Seeds ({', '.join(map(str, seeds))}) change the order of the examples. Accuracy "
         f"on {test} of the test split from the `predict:` prompt alone (choice scoring with multiple choice, greedy "
         f"answers of at most {config['max_new_tokens']} tokens otherwise, SVAMP equations evaluated), the teacher's "
-        "with the same prompts and code; ± is the sample standard deviation over seeds (none with one seed). Ran on "
-        f"{device}, torch {env['torch']}, lmdistill {env['lmdistill']} (commit {commit})."
+        "with the same prompts and code, in fp32; ± is the sample standard deviation over seeds (none with one seed). "
+        f"Ran on {device}, training {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
+        f"(commit {commit})."
     )
     if results["runs_finished"] < results["runs_planned"]:
         setup += (

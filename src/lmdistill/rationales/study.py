@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
-from lmdistill.provenance import environment
+from lmdistill.provenance import environment, recorded_precision
 from lmdistill.rationales.evaluate import run_rationale_eval
 from lmdistill.rationales.extract import IG_SETTINGS, read_records, run_extract, write_first_words
 from lmdistill.rationales.report import write_plot, write_report
@@ -270,7 +270,7 @@ def collect_results(config: RationaleStudyConfig, out: Path, *, partial: bool = 
         "runs_finished": finished,
         "runs_planned": len(config.runs()),
         "config": vars(config),
-        "environment": environment(),
+        "environment": environment(recorded_precision(run_dir(out, *run) for run in config.runs())),
     }
 
 

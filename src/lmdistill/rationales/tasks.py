@@ -280,20 +280,21 @@ def load_task(
             )
         llm = _llm_rationales(path.parent / "llm", split, spec.llm_marker) if spec.llm_marker else None
     assert spec.parse is not None
-    examples = []
+    examples, line_numbers = [], []
     for index, (line_no, row) in enumerate(read_jsonl(path)):
         try:
             example = spec.parse(row, f"{split}-{index}")
         except _LineError as exc:
             raise LmdistillError(f"{path} line {line_no}: {exc}") from None
         examples.append(example)
+        line_numbers.append(line_no)
     if llm is not None:
         if len(llm) != len(examples):
             raise LmdistillError(
                 f"{path.parent / 'llm'} holds {len(llm)} {split} rationales for {len(examples)} examples in {path}"
             )
         examples = [dataclasses.replace(e, llm_rationale=r) for e, r in zip(examples, llm)]
-    _check_unique_ids(examples, path)
+    _check_unique_ids(examples, line_numbers, path)
     return examples if limit is None else examples[:limit]
 
 
@@ -322,12 +323,15 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise LmdistillError(f"{path} holds no examples")
 
 
-def _check_unique_ids(examples: list[Example], path: Path) -> None:
-    seen: set[str] = set()
-    for e in examples:
-        if e.id in seen:
-            raise LmdistillError(f"{path}: the id {e.id!r} occurs twice; ids must be unique (they key resumption)")
-        seen.add(e.id)
+def _check_unique_ids(examples: list[Example], line_numbers: list[int], path: Path) -> None:
+    first_line: dict[str, int] = {}
+    for e, line_no in zip(examples, line_numbers):
+        if e.id in first_line:
+            raise LmdistillError(
+                f"{path} lines {first_line[e.id]} and {line_no}: the id {e.id!r} occurs twice; ids must be unique "
+                "(they key resumption)"
+            )
+        first_line[e.id] = line_no
 
 
 def _llm_rationales(folder: Path, split: str, marker: str) -> list[str | None] | None:

@@ -38,7 +38,7 @@ from lmdistill.config import RationaleTrainConfig, TrainConfig
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluate import LMLoss, autocast
 from lmdistill.losses import chunked_distill_loss
-from lmdistill.rationales.extract import read_records
+from lmdistill.rationales.extract import parse_records
 from lmdistill.rationales.tasks import Example, continuation, load_task, render_prompt
 from lmdistill.train import distributed
 from lmdistill.train.loop import run_train
@@ -193,8 +193,9 @@ def rationale_targets(examples: list[Example], config: RationaleTrainConfig) -> 
     """The rationale text of each example that has one, by id, from ``config.rationale_source``.
 
     Raises:
-        LmdistillError: missing rationales file, ids that match none of the examples, records whose label differs
-            from the example's (a file extracted from other data), a source that gives no rationale at all.
+        LmdistillError: missing rationales file, a line that is not a record with a string id and rationale (named
+            by file and line), ids that match none of the examples, records whose label differs from the example's
+            (a file extracted from other data), a source that gives no rationale at all.
     """
     source = config.rationale_source
     if source == "none" or config.lambda_rationale == 0:
@@ -209,7 +210,7 @@ def rationale_targets(examples: list[Example], config: RationaleTrainConfig) -> 
     path = Path(config.rationales)
     if not path.is_file():
         raise LmdistillError(f"rationales file {path} does not exist (write it with `lmdistill rationales extract`)")
-    records = read_records(path)
+    records = parse_records(path, "--rationales", ("id", "rationale"))
     if not records:
         raise LmdistillError(f"rationales file {path} holds no records")
     by_id = {e.id: e for e in examples}
@@ -228,7 +229,7 @@ def rationale_targets(examples: list[Example], config: RationaleTrainConfig) -> 
                 f"{path}: the record of id {r['id']!r} has the label {r['label']!r}, the example {label!r}: "
                 "the file was extracted from other data"
             )
-        if isinstance(r.get("rationale"), str) and r["rationale"].strip():
+        if r["rationale"].strip():
             found[r["id"]] = r["rationale"]
     if len(matched) < len(records):
         unmatched = len(records) - len(matched)

@@ -36,7 +36,7 @@ from lmdistill.config import TrainConfig, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import LMLoss, autocast, heldout_loss, perplexity, shifted_labels
+from lmdistill.evaluate import LMLoss, autocast, heldout_loss, perplexity, resolve_precision, shifted_labels
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
 from lmdistill.storage import staged
@@ -307,7 +307,8 @@ def _train(
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(settings))
-        (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        env = environment(resolve_precision(processes.device, config.precision))
+        (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
         (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
     metrics = MetricsLog(out, start_step) if processes.main else None
 
