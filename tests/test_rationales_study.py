@@ -4,12 +4,14 @@ through the command line (results, report, plot), resume, refusals, and `rationa
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import save_tiny_teacher
+from conftest import save_tiny_teacher, tiny_teacher, tiny_tokenizer
 
 from lmdistill.cli import main
 from lmdistill.config import RationaleExtractConfig, RationaleStudyConfig, StudyConfig, load_yaml
@@ -412,3 +414,20 @@ def test_gsm_symbolic_has_a_gold_arm_and_no_step_by_step(ws, tmp_path):
     manifest = json.loads((run_dir(tmp_path / "gsm", "gsm-symbolic", "gold", 0) / "data_manifest.json").read_text())
     assert manifest["rationale_source"] == "gold" and manifest["train_with_rationale"] == manifest["train_examples"]
     assert len(read_records(rationale_file(tmp_path / "gsm", "gsm-symbolic", 2))) == 6
+
+
+@pytest.mark.parametrize("choices", [True, False])
+def test_rationales_eval_of_a_model_with_nan_weights_is_refused(tmp_path, capsys, choices):
+    nan = tiny_teacher("llama")
+    with torch.no_grad():
+        nan.model.layers[0].mlp.down_proj.weight[0, 0] = math.nan
+    nan.save_pretrained(tmp_path / "nan")
+    tiny_tokenizer().save_pretrained(tmp_path / "nan")
+    row = {"id": "e0", "input": "the b or c", "label": "c"}
+    write_jsonl(tmp_path / "data.jsonl", [{**row, "choices": ["b", "c"]} if choices else row])
+    message = cli_error(
+        capsys, "rationales", "eval", "--task", "jsonl", "--data", tmp_path / "data.jsonl", "--model",
+        tmp_path / "nan", "--max-new-tokens", 2, "--no-progress",
+    )
+    expected = "the model's log-probabilities are NaN: its weights or its forward pass give NaN"
+    assert message == f"lmdistill rationales eval: error: {expected}"

@@ -29,6 +29,10 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmdistill.errors import LmdistillError
+
+NAN_SCORES = "the model's log-probabilities are NaN: its weights or its forward pass give NaN"
+
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-align token rows.
@@ -182,6 +186,8 @@ def choose(
     """
     picks = []
     for scores, options in zip(choice_logprobs(model, prompts, choices, batch_size=batch_size, pad_id=pad_id), choices):
+        if scores.isnan().any():
+            raise LmdistillError(NAN_SCORES)
         if per_token:
             scores = scores / torch.tensor([len(c) for c in options], dtype=scores.dtype, device=scores.device)
         picks.append(int(scores.argmax()))
@@ -213,8 +219,13 @@ def generate(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
     )
-    out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask.long(), generation_config=config, output_scores=True,
+        return_dict_in_generate=True,
+    )
+    if any(step.isnan().any() for step in out.scores):
+        raise LmdistillError(NAN_SCORES)
+    texts = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
     return [next((line.strip() for line in text.splitlines() if line.strip()), "") for text in texts]
 
 
