@@ -276,6 +276,8 @@ def test_a_gpt2_student_is_refused_sequences_longer_than_its_positions_a_rotary_
     gpt2 = save_tiny_teacher(workspace / "student-gpt2", kind="gpt2")  # n_positions 64
     with pytest.raises(LmdistillError, match=r"--seq-len 65 exceeds the 64 learned positions of the student"):
         run_train(config(workspace, "gpt2-65", student=str(gpt2), seq_len=65))
+    with pytest.raises(LmdistillError, match=r"--seq-len 65 exceeds the 64 learned positions of the teacher"):
+        run_train(config(workspace, "gpt2-teacher-65", loss="kd", teacher=str(gpt2), seq_len=65))
     run_train(config(workspace, "gpt2-64", student=str(gpt2), seq_len=64, max_steps=1))
     assert AutoConfig.from_pretrained(workspace / "student").max_position_embeddings < 80
     run_train(config(workspace, "llama-80", seq_len=80, max_steps=1))
