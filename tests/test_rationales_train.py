@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +240,20 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(ws, monkeypatc
         assert {k: v for k, v in x.items() if k != "tokens_per_s"} == {
             k: v for k, v in y.items() if k != "tokens_per_s"
         }
+
+
+def test_resume_refuses_another_objective(ws):
+    if not (ws / "straight" / "final").exists():
+        run_rationale_train(config(ws, "straight", max_steps=6, save_every=3))
+    shutil.copytree(ws / "straight" / "checkpoints", ws / "objective" / "checkpoints")
+    with pytest.raises(LmdistillError, match=r"step-000006 was trained with --lambda-rationale 1.0 \(now 0.0\);"):
+        run_rationale_train(config(ws, "objective", max_steps=6, lambda_rationale=0.0, resume=True))
+
+
+def test_a_gpt2_student_is_refused_a_max_len_beyond_its_positions(ws):
+    gpt2 = save_tiny_teacher(ws / "student-gpt2", kind="gpt2")  # n_positions 64
+    with pytest.raises(LmdistillError, match=r"--max-len 65 exceeds the 64 learned positions of the student"):
+        run_rationale_train(config(ws, "gpt2", student=str(gpt2), max_len=65))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(ws):

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_teacher, write_corpus
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmdistill import evaluate
 from lmdistill.cli import main
@@ -141,13 +145,62 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
     assert steps == sorted(steps) and steps[-1] == 6
 
 
-def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(workspace):
-    straight = workspace / "straight"
+def straight_step_3(ws: Path, out: str) -> Path:
+    """A run `out` whose only checkpoint is step 3 of the run `straight` (6 steps, checkpoints every 3)."""
+    straight = ws / "straight"
     if not (straight / "final").exists():
-        run_train(config(workspace, "straight", max_steps=6, save_every=3))
-    checkpoints = workspace / "by-position" / "checkpoints"
+        run_train(config(ws, "straight", max_steps=6, save_every=3))
+    checkpoints = ws / out / "checkpoints"
     shutil.copytree(straight / "checkpoints" / "step-000003", checkpoints / "step-000003")
     (checkpoints / "latest").write_text("step-000003\n")
+    return checkpoints / "step-000003"
+
+
+def pickled(path: Path, state: dict) -> None:
+    """Store `state` in the checkpoint `path` as checkpoints did before the current format: one pickled
+    training_state.pt, numpy's RNG state as `np.random.get_state()` gives it."""
+    for rng in state["rng"]:
+        name, key, *rest = rng["numpy"]
+        rng["numpy"] = (name, np.array(key, dtype=np.uint32), *rest)
+    torch.save(state, path / "training_state.pt")
+    (path / "training_state.json").unlink()
+    (path / "training_state.safetensors").unlink()
+
+
+def test_a_checkpoint_of_the_pickled_format_still_resumes_bit_for_bit(workspace):
+    path = straight_step_3(workspace, "pickled")
+    pickled(path, checkpoint.load_training_state(path))
+    run_train(config(workspace, "pickled", max_steps=6, save_every=3, resume=True))
+    a, b = weights(workspace / "straight" / "final"), weights(workspace / "pickled" / "final")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class RunsCode:
+    """Unpickling it runs a shell command, which creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_a_pickled_training_state_that_would_run_code_is_refused_and_nothing_runs(workspace):
+    path = straight_step_3(workspace, "tampered")
+    state = checkpoint.load_training_state(path)
+    marker = workspace / "tampered" / "the-payload-ran"
+    state["scheduler"] = RunsCode(marker)
+    pickled(path, state)
+    with pytest.raises(LmdistillError, match="refused checkpoint .*step-000003: its training_state.pt holds pickled"):
+        run_train(config(workspace, "tampered", max_steps=6, save_every=3, resume=True))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(workspace):
+    straight = workspace / "straight"
+    straight_step_3(workspace, "by-position")
+    checkpoints = workspace / "by-position" / "checkpoints"
     # Rewrite the optimizer state as checkpoints before --fsdp held it: `optimizer.state_dict()`, keyed by position.
     student = AutoModelForCausalLM.from_pretrained(checkpoints / "step-000003")
     optimizer = loop._optimizer(student, config(workspace, "by-position"))
@@ -156,7 +209,7 @@ def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(w
     checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
     state["optimizer"] = optimizer.state_dict()
     assert all(isinstance(key, int) for key in state["optimizer"]["state"])
-    torch.save(state, checkpoints / "step-000003" / "training_state.pt")
+    pickled(checkpoints / "step-000003", state)
     run_train(config(workspace, "by-position", max_steps=6, save_every=3, resume=True))
     a, b = weights(straight / "final"), weights(workspace / "by-position" / "final")
     for name in a:
@@ -179,6 +232,55 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
     assert (checkpoints / "latest").read_text().strip() == "step-000002"
     AutoModelForCausalLM.from_pretrained(checkpoints / "step-000002")
     assert not (workspace / "nan" / "final").exists()
+
+
+def test_a_nan_gradient_norm_stops_the_run_before_the_update_and_names_a_finite_checkpoint(workspace):
+    # At --lr 1e6 a step's loss is still finite when its gradient norm is NaN already.
+    with pytest.raises(LmdistillError, match=r"the gradient norm became nan at step \d+; stopped without") as stop:
+        run_train(config(workspace, "nan-gradient", lr=1e6, max_steps=8, save_every=1, log_every=1))
+    named = Path(re.search(r"Last good checkpoint: (\S+)", str(stop.value)).group(1))
+    assert named.name == (workspace / "nan-gradient" / "checkpoints" / "latest").read_text().strip()
+    for name, value in weights(named).items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_resume_refuses_settings_that_change_the_run_and_takes_those_that_do_not(workspace):
+    straight = workspace / "straight"
+    if not (straight / "final").exists():
+        run_train(config(workspace, "straight", max_steps=6, save_every=3))
+    checkpoints = workspace / "resumed" / "checkpoints"
+    shutil.copytree(straight / "checkpoints", checkpoints)  # the finished run: its latest checkpoint is step 6
+    # What a run killed while writing a checkpoint leaves (`storage.staged`), and a file of another name.
+    leftovers = [checkpoints / f".step-000009.partial-{uuid.uuid4().hex}", checkpoints / f".latest.partial-{'0' * 32}"]
+    leftovers[0].mkdir()
+    leftovers[1].write_text("step-000009\n")
+    (checkpoints / ".notes.partial-mine").write_text("kept\n")
+    for overrides, refusal in (
+        (dict(lr=1e-3), r"step-000006 was trained with --lr 0.003 \(now 0.001\); resuming with other settings"),
+        (dict(warmup_steps=0, seed=1), r"--warmup-steps 1 \(now 0\), --seed 0 \(now 1\);"),
+        (dict(loss="kd", teacher=str(workspace / "teacher")), r"--teacher None \(now '.*teacher'\), --loss 'ce'"),
+        (dict(batch_size=8), r"took 4 examples each, this launch's would take 8 \(--batch-size 8 x --grad-accum 1 x 1"),
+        (dict(max_steps=5), r"--max-steps 5 is below the step of the checkpoint .*step-000006 \(6\)"),
+    ):
+        with pytest.raises(LmdistillError, match=refusal):
+            run_train(config(workspace, "resumed", **{"max_steps": 6, "save_every": 3, "resume": True, **overrides}))
+    # Other intervals, the same 4 examples per step in micro-batches of 2, and a longer run.
+    settings = dict(max_steps=8, save_every=4, eval_every=1, log_every=1, batch_size=2, grad_accum=2, resume=True)
+    assert run_train(config(workspace, "resumed", **settings))["steps"] == 8
+    assert (checkpoints / "latest").read_text().strip() == "step-000008"
+    assert [r["step"] for r in metrics(workspace / "resumed")] == [7, 8]
+    assert not any(path.exists() for path in leftovers) and (checkpoints / ".notes.partial-mine").exists()
+
+
+def test_a_gpt2_student_is_refused_sequences_longer_than_its_positions_a_rotary_one_is_not(workspace):
+    gpt2 = save_tiny_teacher(workspace / "student-gpt2", kind="gpt2")  # n_positions 64
+    with pytest.raises(LmdistillError, match=r"--seq-len 65 exceeds the 64 learned positions of the student"):
+        run_train(config(workspace, "gpt2-65", student=str(gpt2), seq_len=65))
+    with pytest.raises(LmdistillError, match=r"--seq-len 65 exceeds the 64 learned positions of the teacher"):
+        run_train(config(workspace, "gpt2-teacher-65", loss="kd", teacher=str(gpt2), seq_len=65))
+    run_train(config(workspace, "gpt2-64", student=str(gpt2), seq_len=64, max_steps=1))
+    assert AutoConfig.from_pretrained(workspace / "student").max_position_embeddings < 80
+    run_train(config(workspace, "llama-80", seq_len=80, max_steps=1))
 
 
 def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspace):
@@ -268,9 +370,9 @@ def test_train_cli_writes_every_artifact(workspace, capsys):
         "step-000004",
         "step-000005",
     ]
-    assert {"model.safetensors", "config.json", "training_state.pt", "meta.json", "tokenizer.json"} <= {
-        p.name for p in (out / "checkpoints" / "step-000004").iterdir()
-    }
+    saved = {p.name for p in (out / "checkpoints" / "step-000004").iterdir()}
+    assert {"model.safetensors", "config.json", "training_state.json", "meta.json", "tokenizer.json"} <= saved
+    assert "training_state.safetensors" in saved and "training_state.pt" not in saved  # no pickle
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["ce"], r["kd"]])).all() for r in records)
@@ -322,6 +424,18 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace):
     torchrun(workspace, "ddp-2", "--batch-size", "2", "--max-steps", "3")
     a, b = weights(workspace / "ddp-1" / "final"), weights(workspace / "ddp-2" / "final")
     for name in a:  # element-wise holds here (largest difference 1.2e-7); see `assert_same_training` for the KD run
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_one_process_resumes_in_two_with_the_same_global_batch(workspace):
+    if not (workspace / "ddp-1" / "final").exists():
+        run_train(config(workspace, "ddp-1", batch_size=4, max_steps=3))
+    for out in ("ddp-1-then-1", "ddp-1-then-2"):
+        shutil.copytree(workspace / "ddp-1" / "checkpoints", workspace / out / "checkpoints")
+    run_train(config(workspace, "ddp-1-then-1", batch_size=4, max_steps=4, resume=True))
+    torchrun(workspace, "ddp-1-then-2", "--batch-size", "2", "--max-steps", "4", "--resume")
+    a, b = weights(workspace / "ddp-1-then-1" / "final"), weights(workspace / "ddp-1-then-2" / "final")
+    for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# The name of `staged`'s temporary copy of TARGET: .TARGET.partial-<32 hex digits>
+STAGING = re.compile(r"\..+\.partial-[0-9a-f]{32}")
 
 
 @contextmanager
@@ -60,3 +65,19 @@ def staged(target: Path, *, directory: bool = True, keep_existing: bool = False)
             shutil.rmtree(staging, ignore_errors=True)
         elif staging.exists():
             staging.unlink()
+
+
+def remove_staging_leftovers(directory: Path) -> list[Path]:
+    """Delete the temporary copies that `staged` blocks in `directory` left when their process died (a crash, a kill);
+    only for a directory that no running process stages into.
+
+    Returns:
+        The paths removed.
+    """
+    leftovers = [path for path in directory.glob(".*.partial-*") if STAGING.fullmatch(path.name)]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return leftovers

@@ -41,7 +41,7 @@ from lmdistill.losses import chunked_distill_loss
 from lmdistill.rationales.extract import parse_records
 from lmdistill.rationales.tasks import Example, continuation, load_task, render_prompt
 from lmdistill.train import distributed
-from lmdistill.train.loop import run_train
+from lmdistill.train.loop import check_positions, run_train
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,7 @@ def run_rationale_train(config: RationaleTrainConfig) -> dict[str, Any]:
     built: dict[str, RationaleTrainData] = {}
 
     def make_data(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, processes: Any) -> RationaleTrainData:
+        check_positions(student, config.max_len, "--max-len")
         built["data"] = build_data(config, tokenizer, examples, rationales)
         return built["data"]
 

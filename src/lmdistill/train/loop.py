@@ -18,6 +18,7 @@ train ... [--fsdp]`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,13 +38,20 @@ from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluate import LMLoss, autocast, heldout_loss, perplexity, resolve_precision, shifted_labels
+from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
-from lmdistill.storage import staged
+from lmdistill.storage import remove_staging_leftovers, staged
 from lmdistill.teacher_cache import TeacherCache
 from lmdistill.train import checkpoint, distributed
 
 log = logging.getLogger(__name__)
+
+# The settings that may differ on --resume (README, `lmdistill train`, "Crashes"): how the run is shown and where it
+# is written, its checkpoint, evaluation and log intervals, --max-steps (not below the checkpoint's step), and how
+# each step's examples are split into micro-batches and processes (`check_resume` keeps their number).
+MAY_CHANGE_ON_RESUME = ("resume", "progress", "out", "save_every", "eval_every", "log_every", "max_steps",
+                        "batch_size", "grad_accum", "fsdp")  # fmt: skip
 
 
 def decoder_layers(lm: PreTrainedModel) -> list[nn.Module]:
@@ -53,6 +61,60 @@ def decoder_layers(lm: PreTrainedModel) -> list[nn.Module]:
     if not layers:
         raise LmdistillError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules)")
     return layers
+
+
+def check_positions(model: PreTrainedModel, length: int, flag: str, role: str = "student") -> None:
+    """Refuse sequences of `length` tokens (`flag`) longer than a model with learned absolute positions (GPT-2) has
+    positions for; rotary positions have no such limit."""
+    adapter = next((a for a in ADAPTERS if model.config.model_type in a.model_types), None)
+    limit = model.config.max_position_embeddings
+    if adapter is not None and not adapter.rotary and length > limit:
+        raise LmdistillError(
+            f"{flag} {length} exceeds the {limit} learned positions of the {role} (n_positions {limit} in its config): "
+            f"pass {flag} {limit} or less"
+        )
+
+
+def check_resume(
+    settings: Any, previous: dict[str, Any], state: dict[str, Any], config: TrainConfig, world: int, path: Path
+) -> None:
+    """Refuse to resume the checkpoint at `path` as another run than its own.
+
+    Args:
+        settings: this launch's settings (the dataclass written to ``config.yaml``).
+        previous: the checkpoint's settings (its ``meta.json``); a field it lacks had its default.
+        state: the checkpoint's training state (its step and the samples it has seen).
+        config: this launch's engine settings.
+        world: this launch's number of processes.
+        path: the checkpoint.
+
+    Raises:
+        LmdistillError: a setting outside `MAY_CHANGE_ON_RESUME` differs, --max-steps is below the checkpoint's step,
+            or a step would take another number of examples (batch size x grad accum x processes).
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    changed = [
+        f"--{name.replace('_', '-')} {previous.get(name, defaults[name])!r} (now {value!r})"
+        for name, value in vars(settings).items()
+        if name not in MAY_CHANGE_ON_RESUME and previous.get(name, defaults[name]) != value
+    ]
+    if changed:
+        raise LmdistillError(
+            f"--resume: the checkpoint {path} was trained with {', '.join(changed)}; resuming with other settings "
+            "would not continue its run. Restore them, or choose another --out"
+        )
+    if config.max_steps < state["step"]:
+        raise LmdistillError(
+            f"--resume: --max-steps {config.max_steps} is below the step of the checkpoint {path} ({state['step']}): "
+            f"pass at least {state['step']}"
+        )
+    then, now = state["samples_seen"] // state["step"], config.batch_size * config.grad_accum * world
+    if now != then:
+        raise LmdistillError(
+            f"--resume: the steps of the checkpoint {path} took {then} examples each, this launch's would take {now} "
+            f"(--batch-size {config.batch_size} x --grad-accum {config.grad_accum} x {world} process(es)): keep "
+            f"that product at {then}"
+        )
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -155,8 +217,10 @@ class PackedTrainData:
         processes: distributed.Processes,
     ) -> None:
         self.config, self.teacher, self.cache = config, None, None
+        check_positions(student, config.seq_len, "--seq-len")
         if config.teacher is not None and config.kd_share > 0:
             loaded = load_teacher(config.teacher)
+            check_positions(loaded.model, config.seq_len, "--seq-len", "teacher")
             self.teacher = loaded.model.to(processes.device)
             check_same_vocabulary(student, tokenizer, self.teacher, loaded.tokenizer)
         # The main process prepares (or finds) the packed data first; the others then read its cache.
@@ -271,9 +335,16 @@ def _train(
     settings = config if settings is None else settings
     out = Path(config.out)
     root = out / "checkpoints"
-    resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
     if not config.resume and root.exists() and any(root.iterdir()):
         raise LmdistillError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    if config.resume and processes.main:
+        for leftover in remove_staging_leftovers(root):
+            log.info("removed %s, a checkpoint that was not finished", leftover)
+    resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
+    if resume_from is not None:
+        state = checkpoint.load_training_state(resume_from)
+        meta = json.loads((resume_from / "meta.json").read_text())
+        check_resume(settings, meta["config"], state, config, processes.world, resume_from)
 
     student, tokenizer, _ = load_hf_directory(Path(resume_from or config.student), torch.float32)
     student.train()
@@ -288,18 +359,12 @@ def _train(
 
     start_step, last_record = 0, {}
     if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from)
         checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"][processes.rank])
-        start_step = state["step"]
-        meta = json.loads((resume_from / "meta.json").read_text())
-        previous, last_record = meta["config"], meta["metrics"]
-        changed = sorted(
-            k for k, v in vars(settings).items() if k not in ("resume", "max_steps") and previous.get(k) != v
-        )
-        if changed:
-            log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
+        # A process the checkpoint's job did not have takes rank 0's state (every process starts from the same seed).
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[processes.rank] if processes.rank < len(rng) else rng[0])
+        start_step, last_record = state["step"], meta["metrics"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     else:
         torch.manual_seed(config.seed)
@@ -335,6 +400,12 @@ def _train(
         if processes.world > 1:
             torch.distributed.barrier()
 
+    def stopped(what: str) -> LmdistillError:
+        return LmdistillError(
+            f"{what}; stopped without updating the model. Last good checkpoint: "
+            f"{checkpoint.latest_checkpoint(root) or 'none'} (try a lower --lr or --precision fp32)"
+        )
+
     bar = tqdm(
         total=config.max_steps,
         initial=start_step,
@@ -360,12 +431,11 @@ def _train(
             sums += torch.stack([total.detach(), *(p.detach() for p in parts)]).double()
         distributed.all_reduce_sum(sums)
         if not torch.isfinite(sums).all():
-            last_good = checkpoint.latest_checkpoint(root)
-            raise LmdistillError(
-                f"the loss became {sums[0].item()} at step {step + 1}; stopped without updating the model. "
-                f"Last good checkpoint: {last_good or 'none'} (try a lower --lr or --precision fp32)"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+            raise stopped(f"the loss became {sums[0].item()} at step {step + 1}")
+        # The norm of the whole job's gradients: every process stops at the same step.
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf")).item()
+        if not math.isfinite(grad_norm):
+            raise stopped(f"the gradient norm became {grad_norm} at step {step + 1}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -380,7 +450,7 @@ def _train(
         record.update(
             {
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
+                "grad_norm": grad_norm,
                 "tokens": tokens_total,
                 "tokens_per_s": tokens_this_run / elapsed,
             }
