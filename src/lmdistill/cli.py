@@ -1,8 +1,8 @@
 """The `lmdistill` command line: one explicit table of commands, each a config dataclass and a run function.
 
 A command name is one word (`init`) or two (`rationales extract`); the first word of a two-word name is a group
-(`lmdistill rationales` lists its commands). Every command accepts `--config FILE.yaml` (a serialized config); flags
-given on the command line override it.
+(`lmdistill rationales --help` lists its commands). Every command accepts `--config FILE.yaml` (a serialized
+config); flags given on the command line override it.
 """
 
 from __future__ import annotations
@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmdistill {__version__}")
         return 0
     group = argv[0] if argv[0] in GROUPS else None
-    if group and (len(argv) == 1 or argv[1] in ("-h", "--help")):  # a group alone, like lmdistill alone: its list
+    if group and len(argv) == 1:
+        print(f"lmdistill {group}: a command is needed\n\n{_usage(group)}", file=sys.stderr)
+        return 2
+    if group and argv[1] in ("-h", "--help"):
         print(_usage(group))
         return 0
     words = 2 if group else 1
