@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +121,119 @@ def test_the_command_table_is_the_documented_one():
     assert documented == list(COMMANDS)
     for name, (_, _, description) in COMMANDS.items():
         assert f"| `{name}` | {description} |" in section
+
+
+def no_teacher_weights(monkeypatch):
+    """Make loading the teacher's weights fail, so that a test shows a refusal comes before it."""
+
+    def load_teacher(spec, *args, **kwargs):
+        raise AssertionError(f"the teacher {spec} was loaded before the refusal")
+
+    monkeypatch.setattr("lmdistill.init.run.load_teacher", load_teacher)
+
+
+@pytest.mark.parametrize(
+    "where, relation", [("teacher", "is"), ("link", "is"), ("teacher/sub", "is inside"), (".", "contains")]
+)
+def test_out_overlapping_the_teacher_is_refused_even_with_overwrite(tmp_path, capsys, where, relation):
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    (tmp_path / "link").symlink_to(teacher)
+    files = sorted(p.name for p in teacher.iterdir())
+    message = error_of(capsys, "--teacher", teacher, *SMALL, "--out", tmp_path / where, "--overwrite")
+    assert f"{relation} the teacher {teacher}: choose --out outside it" in message
+    assert sorted(p.name for p in teacher.iterdir()) == files
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_work(teacher_dir, tmp_path, capsys, monkeypatch):
+    no_teacher_weights(monkeypatch)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for args in ([], ["--overwrite"]):
+        assert f"--out {a_file} is a file, not a directory" in error_of(
+            capsys, "--teacher", teacher_dir, "--out", a_file, *args
+        )
+    under_a_file = a_file / "a" / "student"
+    assert f"cannot create --out {under_a_file}: {a_file} is a file, not a directory" in error_of(
+        capsys, "--teacher", teacher_dir, "--out", under_a_file
+    )
+    # Tests run as root, which writes into read-only directories, so os.access reports the read-only one here.
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    assert f"cannot write --out {read_only / 'new' / 'student'}: no permission to write in {read_only}" in error_of(
+        capsys, "--teacher", teacher_dir, "--out", read_only / "new" / "student"
+    )
+    assert not (read_only / "new").exists()
+
+
+def test_shapes_the_config_class_refuses_are_refused_before_the_teacher_loads(tmp_path, capsys, monkeypatch):
+    teacher = save_tiny_teacher(tmp_path / "teacher", num_key_value_heads=1)  # hidden 32, 4 heads of 8, 1 KV head
+    no_teacher_weights(monkeypatch)
+    shape = ["--hidden-size", 32, "--num-layers", 2, "--num-heads", 3, "--num-kv-heads", 1, "--intermediate-size", 32]
+    message = error_of(capsys, "--teacher", teacher, "--method", "random", *shape, "--out", tmp_path / "student")
+    assert (
+        "LlamaConfig refuses this student shape: The hidden size (32) is not a multiple of the number of attention "
+        "heads (3); change those sizes"
+    ) in message
+    assert not (tmp_path / "student").exists()
+
+
+def test_unsupported_model_type_is_refused_from_its_config(tmp_path, capsys, monkeypatch):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(bert)
+    no_teacher_weights(monkeypatch)
+    assert "model type 'bert' is not supported" in error_of(capsys, "--teacher", bert, "--out", tmp_path / "s")
+
+
+def test_unknown_flags_are_refused_with_the_closest_flag(capsys):
+    from lmdistill.cli import COMMANDS
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*name.split(), "--out", "x", "--sead", "1", "--no-such-flag"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"lmdistill {name}: error: unrecognized arguments: --sead 1 --no-such-flag" in err, err
+        assert "Traceback" not in err and "HfArgumentParser" not in err
+    with pytest.raises(SystemExit):
+        main(["init", "--hidden-sise=32", "--out", "x"])
+    assert "unrecognized arguments: --hidden-sise=32; did you mean --hidden-size?" in capsys.readouterr().err
+
+
+def test_a_group_lists_its_commands(capsys):
+    from lmdistill.cli import COMMANDS
+
+    group = [name for name in COMMANDS if name.startswith("rationales ")]
+    for argv, code in ((["rationales", "--help"], 0), (["rationales", "-h"], 0), (["rationales"], 2)):
+        assert main(argv) == code
+        printed = capsys.readouterr()
+        text = printed.out if code == 0 else printed.err
+        assert "unknown command" not in text
+        rows = text.split("usage: lmdistill rationales COMMAND", 1)[1].split("commands:\n", 1)[1].splitlines()
+        assert [" ".join(row.split()[:2]) for row in rows] == group
+    assert main(["rationales", "distil"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'rationales distil'" in err and "rationales extract" in err
+
+
+def option_help(name: str, capsys) -> dict[str, str]:
+    """`lmdistill NAME --help`, as option -> its help text on one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*name.split(), "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + text)
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+
+
+def test_every_option_states_its_default_once(capsys):
+    from lmdistill.cli import COMMANDS
+
+    for name in COMMANDS:
+        for option, text in option_help(name, capsys).items():
+            assert text.count("(default:") <= 1, f"lmdistill {name} {option}: {text}"
+    assert "(default: the teacher's)" in option_help("init", capsys)["--hidden_size"]
+    assert option_help("eval", capsys)["--precision"].endswith("(default: auto)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lmdistill.errors import LmdistillError
 from lmdistill.models import load
-from lmdistill.models.load import LoadedModel, cache_dir, load_teacher
+from lmdistill.models.load import LoadedModel, cache_dir, load_teacher, teacher_config
 
 TEXT = "The quick brown fox jumps over the lazy dog. A small model learns from a large one, token by token."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -273,6 +274,26 @@ def test_gguf_conversion_and_cache(
     assert again.model.dtype == torch.bfloat16
 
 
+def test_teacher_config_reads_no_weights(
+    hf_dir: tuple[Path, LlamaForCausalLM],
+    tmp_path: Path,
+    cache: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+    model = tiny_model(len(tokenizer))
+    path = write_gguf(model, tokenizer, tmp_path / "tiny.gguf")
+    with monkeypatch.context() as m:
+        m.setattr(load.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+        configs = [teacher_config(str(hf_dir[0])), teacher_config(str(path))]  # config.json; GGUF metadata
+    assert not (cache / "teachers").exists()
+    load_teacher(str(path))
+    configs.append(teacher_config(str(path)))  # the conversion's config.json
+    for config in configs:
+        assert {key: getattr(config, key) for key in keys} == {key: getattr(model.config, key) for key in keys}
+
+
 def test_default_teacher_uses_packaged_gguf(
     tmp_path: Path, cache: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,3 +326,41 @@ def test_conversion_keeps_a_target_that_appeared_meanwhile(tmp_path: Path, token
     load._save_converted(tiny_model(len(tokenizer)), tokenizer, target)
     assert [p.name for p in target.parent.iterdir()] == [target.name]
     assert [p.name for p in target.iterdir()] == ["config.json"]
+
+
+# --- code shipped with a model --------------------------------------------------------------------------------------
+
+MARKER_CODE = """import pathlib
+pathlib.Path({marker!r}).write_text("the directory's own code ran")
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+
+class MarkerConfig(PretrainedConfig):
+    model_type = "marker"
+
+
+class MarkerTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_code_shipped_with_a_model_never_runs(
+    hf_dir: tuple[Path, LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    folder = hf_dir[0]
+    marker = folder / "ran.txt"
+    (folder / "marker.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    settings = json.loads((folder / where).read_text())
+    if where == "config.json":
+        settings |= {"model_type": "marker", "auto_map": {"AutoConfig": "marker.MarkerConfig"}}
+    else:
+        auto_map = {"AutoTokenizer": [None, "marker.MarkerTokenizer"]}
+        settings |= {"tokenizer_class": "MarkerTokenizer", "auto_map": auto_map}
+    (folder / where).write_text(json.dumps(settings))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # a user who answers yes to transformers' prompt
+    with pytest.raises(LmdistillError, match=rf"{re.escape(str(folder))}.*(own Python code|custom code)") as err:
+        load_teacher(str(folder))
+    assert "\n" not in str(err.value)
+    assert "Do you wish to run the custom code" not in capsys.readouterr().out
+    assert not marker.exists()

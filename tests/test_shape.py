@@ -56,3 +56,13 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     with pytest.raises(LmdistillError, match=r"model type 'opt' is not supported; supported model types: gpt2, llama"):
         adapter_for(OPTConfig())
+
+
+def test_shapes_the_config_class_refuses_get_one_line_errors():
+    config = tiny_config("llama", num_key_value_heads=1)
+    adapter = adapter_for(config)
+    shape = derive_student_shape(adapter.shape(config), adapter, num_heads=3, num_kv_heads=1)  # passes our own checks
+    message = r"LlamaConfig refuses this student shape: The hidden size \(32\) is not a multiple of .* heads \(3\)"
+    with pytest.raises(LmdistillError, match=message) as error:
+        adapter.student_config(config, shape)
+    assert "\n" not in str(error.value)

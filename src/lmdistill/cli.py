@@ -1,11 +1,14 @@
 """The `lmdistill` command line: one explicit table of commands, each a config dataclass and a run function.
 
-A command name is one word (`init`) or two (`rationales extract`). Every command accepts `--config FILE.yaml` (a
-serialized config); flags given on the command line override it.
+A command name is one word (`init`) or two (`rationales extract`); the first word of a two-word name is a group
+(`lmdistill rationales --help` lists its commands). Every command accepts `--config FILE.yaml` (a serialized
+config); flags given on the command line override it.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import logging
 import sys
@@ -160,6 +163,26 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it (`(default: the teacher's)` beats `None`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's message for arguments no option takes, with the closest option to each mistyped flag."""
+    names = [flag[2:] for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    guesses = []
+    for arg in extra:
+        if arg.startswith("--"):  # compared without the dashes, which every flag shares
+            guesses += [f"--{name}" for name in difflib.get_close_matches(arg[2:].split("=", 1)[0], names, n=1)]
+    hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
+    return f"unrecognized arguments: {' '.join(extra)}{hint}"
+
+
 def parse_config(config_class: type, args: list[str], prog: str) -> Any:
     """Build `config_class` from a YAML file given by `--config` (optional) and command-line flags.
 
@@ -170,20 +193,31 @@ def parse_config(config_class: type, args: list[str], prog: str) -> Any:
 
     Returns:
         The validated config instance.
+
+    Raises:
+        SystemExit: (argparse, status 2) an unknown or mistyped flag or an invalid value; (status 0) after --help.
     """
-    parser = HfArgumentParser(config_class, prog=prog, description=config_class.__doc__)
+    parser = HfArgumentParser(config_class, prog=prog, description=config_class.__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="YAML file setting any of these options; command-line flags override it")
-    known, _ = parser.parse_known_args(args)
+    known, extra = parser.parse_known_args(args)
+    if extra:
+        parser.error(_unrecognized(parser, extra))
     if known.config:
         parser.set_defaults(**load_yaml(known.config, config_class))
     config, _extra = parser.parse_args_into_dataclasses(args)
     return config
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:{width}s}  {description}" for name, (_, _, description) in COMMANDS.items())
-    return f"usage: lmdistill COMMAND [options]   (lmdistill COMMAND --help for its options)\n\ncommands:\n{rows}"
+GROUPS = {name.split()[0] for name in COMMANDS if " " in name}  # first words of two-word commands
+
+
+def _usage(group: str | None = None) -> str:
+    """The command list: every command, or (`group`) the commands of one group."""
+    names = [name for name in COMMANDS if group is None or name.startswith(f"{group} ")]
+    width = max(map(len, names))
+    rows = "\n".join(f"  {name:{width}s}  {COMMANDS[name][2]}" for name in names)
+    prog = "lmdistill" if group is None else f"lmdistill {group}"
+    return f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for its options)\n\ncommands:\n{rows}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,10 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"lmdistill {__version__}")
         return 0
-    words = 2 if " ".join(argv[:2]) in COMMANDS else 1
+    group = argv[0] if argv[0] in GROUPS else None
+    if group and len(argv) == 1:
+        print(f"lmdistill {group}: a command is needed\n\n{_usage(group)}", file=sys.stderr)
+        return 2
+    if group and argv[1] in ("-h", "--help"):
+        print(_usage(group))
+        return 0
+    words = 2 if group else 1
     name = " ".join(argv[:words])
     if name not in COMMANDS:
-        print(f"lmdistill: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        print(f"lmdistill: unknown command '{name}'\n\n{_usage(group)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     config_class, run, _ = COMMANDS[name]

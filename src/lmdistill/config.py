@@ -277,7 +277,7 @@ class EvalConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out (--data only)"})
     eval_tokens: int | None = field(default=None, metadata={"help": "evaluate at most this many tokens (default: all)"})
     batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
-    precision: Precision = field(default="fp32", metadata={"help": PRECISION_HELP})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     out: str | None = field(default=None, metadata={"help": "where to write the results (default: MODEL/eval.json)"})
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.evaluate import heldout_loss, perplexity, token_blocks
 from lmdistill.init.build import build_student
 from lmdistill.models.adapters import adapter_for
-from lmdistill.models.load import load_teacher
+from lmdistill.models.load import load_teacher, teacher_config, teacher_source
 from lmdistill.models.shape import derive_student_shape
 from lmdistill.provenance import environment
 from lmdistill.storage import staged
@@ -40,16 +41,16 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         The init report: method, teacher, shapes, parameter counts, explained variance, seconds, step-0 losses.
     """
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise LmdistillError(
-            f"output directory {out} exists and is not empty; choose another --out or pass --overwrite"
-        )
+    _check_out(out, config.teacher, overwrite=config.overwrite)
+    # Every refusal of the shape comes before the teacher's weights load: its config alone decides them.
+    teacher_settings = teacher_config(config.teacher)
+    adapter = adapter_for(teacher_settings)
+    teacher_shape = adapter.shape(teacher_settings)
+    shape = derive_student_shape(teacher_shape, adapter, **config.student_sizes())
+    adapter.student_config(teacher_settings, shape)
 
     log.info("loading teacher %s", config.teacher)
     teacher = load_teacher(config.teacher)
-    adapter = adapter_for(teacher.model.config)
-    teacher_shape = adapter.shape(teacher.model.config)
-    shape = derive_student_shape(teacher_shape, adapter, **config.student_sizes())
 
     log.info("initializing a %s student with %s", shape, config.method)
     start = time.perf_counter()
@@ -94,6 +95,40 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (staging / CONFIG).write_text(to_yaml(config))
     return report
+
+
+def _check_out(out: Path, teacher: str, *, overwrite: bool) -> None:
+    """Refuse an output directory that init could not write, or whose replacement would destroy the teacher.
+
+    Args:
+        out: the --out directory.
+        teacher: the --teacher spec.
+        overwrite: whether an existing non-empty --out may be replaced.
+
+    Raises:
+        LmdistillError: --out is, lies inside or contains the teacher (symbolic links resolved); it is a file; it
+            exists, is not empty, and `overwrite` is off; or it cannot be created or written.
+    """
+    source = teacher_source(teacher)
+    if source.kind != "hub":
+        target, model = out.resolve(), Path(source.location).resolve()
+        overlaps = {"is": target == model, "is inside": model in target.parents, "contains": target in model.parents}
+        for relation, overlap in overlaps.items():
+            if overlap:
+                raise LmdistillError(f"--out {out} {relation} the teacher {source.location}: choose --out outside it")
+    if out.exists() and not out.is_dir():
+        raise LmdistillError(f"--out {out} is a file, not a directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LmdistillError(
+            f"output directory {out} exists and is not empty; choose another --out or pass --overwrite"
+        )
+    parent = out.absolute().parent  # the student is staged beside --out, so its parent must be writable
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LmdistillError(f"cannot create --out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LmdistillError(f"cannot write --out {out}: no permission to write in {parent}")
 
 
 def format_report(report: dict[str, Any], out: str) -> str:

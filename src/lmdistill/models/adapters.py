@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -105,6 +106,25 @@ class Adapter:
         raise NotImplementedError
 
     def student_config(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+        """The student's config: the teacher's with the student's sizes, checked by the config class's own rules.
+
+        Raises:
+            LmdistillError: the config class refuses the shape (e.g. llama: a width that is not a multiple of the
+                head count), in one line.
+        """
+        try:
+            config = self.resize(teacher, shape)
+            if hasattr(config, "validate"):  # transformers' strict configs check again in save_pretrained
+                config.validate()
+        except StrictDataclassError as exc:
+            reason = str(exc.__cause__ or exc).strip().splitlines()[-1].strip().rstrip(".")
+            raise LmdistillError(
+                f"transformers' {type(teacher).__name__} refuses this student shape: {reason}; change those sizes"
+            ) from exc
+        return config
+
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+        """A copy of the teacher's config with the student's sizes."""
         raise NotImplementedError
 
     def read(self, model: PreTrainedModel) -> ModelWeights:
@@ -135,7 +155,7 @@ class LlamaFamilyAdapter(Adapter):
             vocab_size=config.vocab_size,
         )
 
-    def student_config(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
         config = copy.deepcopy(teacher)
         config.hidden_size = shape.hidden_size
         config.num_hidden_layers = shape.num_layers
@@ -248,7 +268,7 @@ class GPT2Adapter(Adapter):
             vocab_size=config.vocab_size,
         )
 
-    def student_config(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
         config = copy.deepcopy(teacher)
         config.n_embd = shape.hidden_size
         config.n_layer = shape.num_layers
