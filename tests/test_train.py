@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -547,3 +548,13 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_p
     assert not fast_bf16(cpu, tmp_path / "avx2")
     assert fast_bf16(cpu, tmp_path / "bf16") and fast_bf16(cpu, tmp_path / "amx")
     assert not fast_bf16(cpu, tmp_path / "missing")
+
+
+@pytest.mark.parametrize("student", ["final", "final/inner"])
+def test_an_out_whose_final_is_the_student_is_refused_before_anything_is_written(workspace, tmp_path, student):
+    out = tmp_path / "run"
+    shutil.copytree(workspace / "student", out / student)
+    before = sorted(p.name for p in (out / student).iterdir())
+    with pytest.raises(LmdistillError, match="would write its trained student over --student"):
+        run_train(dataclasses.replace(config(workspace, "unused"), student=str(out / student), out=str(out)))
+    assert sorted(p.name for p in (out / student).iterdir()) == before and not (out / "checkpoints").exists()

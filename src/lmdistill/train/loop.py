@@ -335,6 +335,13 @@ def _train(
     settings = config if settings is None else settings
     out = Path(config.out)
     root = out / "checkpoints"
+    final = (out / "final").resolve()
+    student_dir = Path(config.student).resolve()
+    if student_dir == final or final in student_dir.parents:
+        raise LmdistillError(
+            f"--out {out} would write its trained student over --student {config.student} (OUT/final): choose another "
+            "--out"
+        )
     if not config.resume and root.exists() and any(root.iterdir()):
         raise LmdistillError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
     if config.resume and processes.main:
