@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import io
+import json
 import sys
 import tarfile
 import types
@@ -157,6 +158,34 @@ def test_a_truncated_block_file_is_detected_and_prepared_again(tmp_path, tok):
         open_packed(train_bin.parent)
     again = prepare_data([str(tmp_path / "data")], tok, 8, cache=tmp_path / "c", progress=False)
     np.testing.assert_array_equal(again.train, expected)
+
+
+def test_a_same_size_corruption_of_a_block_file_is_detected_and_prepared_again(tmp_path, tok):
+    write_docs(tmp_path / "data", 8)
+    first = prepare_data([str(tmp_path / "data")], tok, 8, cache=tmp_path / "c", progress=False)
+    expected, directory = np.array(first.train), first.directory
+    del first
+    tokens = np.fromfile(directory / "train.bin", dtype="<u2")
+    tokens[5] = (tokens[5] + 1) % len(tok)  # another valid id: only the checksum can tell
+    tokens.tofile(directory / "train.bin")
+    with pytest.raises(LmdistillError, match=f"train.bin does not have the sha256 .*delete {directory}"):
+        open_packed(directory)
+    again = prepare_data([str(tmp_path / "data")], tok, 8, cache=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(again.train, expected)
+
+
+def test_without_a_recorded_sha256_token_ids_beyond_the_vocabulary_are_refused(tmp_path, tok):
+    write_docs(tmp_path / "data", 8)
+    directory = prepare_data([str(tmp_path / "data")], tok, 8, cache=tmp_path / "c", progress=False).directory
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest.pop("sha256", None)  # as written before block files had one
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    open_packed(directory)
+    tokens = np.fromfile(directory / "val.bin", dtype="<u2")
+    tokens[0] = len(tok)
+    tokens.tofile(directory / "val.bin")
+    with pytest.raises(LmdistillError, match=f"val.bin holds token id 96, beyond the vocabulary of 96: .*{directory}"):
+        open_packed(directory)
 
 
 def test_bad_inputs_are_refused_with_a_clear_message(tmp_path, tok):

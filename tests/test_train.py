@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import save_tiny_teacher, write_corpus
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmdistill import evaluate
@@ -86,11 +87,15 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def build_cache(ws: Path, out: str, top_k: int, *extra: object) -> None:
-    """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`."""
+def cache_teacher(ws: Path, out: str, top_k: int, *extra: object) -> int:
+    """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`: its exit code."""
     args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
             "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
-    assert main(["cache-teacher", *map(str, args)]) == 0
+    return main(["cache-teacher", *map(str, args)])
+
+
+def build_cache(ws: Path, out: str, top_k: int, *extra: object) -> None:
+    assert cache_teacher(ws, out, top_k, *extra) == 0
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -317,6 +322,139 @@ def test_a_mismatched_or_corrupt_cache_is_refused(workspace):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(LmdistillError, match="missing or corrupt"):
         run_train(config(workspace, "corrupt", loss="kd", teacher_cache=str(cache)))
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_cache_teacher_refuses_a_non_empty_out_unless_resumed_as_the_same_build_or_overwritten(workspace, capsys):
+    out = workspace / "cache-reused"
+    build_cache(workspace, "cache-reused", 4)
+    before = files(out)
+    other_teacher = save_tiny_teacher(workspace / "teacher-seed-1", seed=1)
+    (workspace / "corpus-edited").mkdir()
+    for doc in sorted((workspace / "corpus").iterdir()):  # the same block count, other text
+        (workspace / "corpus-edited" / doc.name).write_text(doc.read_text().replace(" the ", " a ", 1))
+    refusals = {
+        "is not empty: pass --resume": (4,),
+        "another top_k [(]4 there, 8 now[)]": (8, "--resume"),
+        "another num_blocks": (4, "--resume", "--samples", 16),
+        "another teacher_fingerprint": (4, "--resume", "--teacher", other_teacher),
+        "another data_fingerprint": (4, "--resume", "--data", workspace / "corpus-edited"),
+        "either --resume or --overwrite": (4, "--resume", "--overwrite"),
+    }
+    for message, args in refusals.items():
+        capsys.readouterr()
+        assert cache_teacher(workspace, "cache-reused", *args) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar, when there is one
+        assert err.startswith("lmdistill cache-teacher: error: ") and re.search(message, err), err
+        assert files(out) == before
+    build_cache(workspace, "cache-reused", 4, "--resume")  # the same build, complete: kept as it is
+    assert files(out) == before
+    build_cache(workspace, "cache-reused", 8, "--overwrite", "--samples", 16)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["top_k"] == 8 and manifest["num_blocks"] <= 16
+    assert sorted(files(out)) == ["manifest.json", "shard-000000.safetensors"]
+    run_train(config(workspace, "kd-overwritten", loss="kd", teacher_cache=str(out)))
+    (out / "notes.txt").write_text("mine")
+    assert cache_teacher(workspace, "cache-reused", 8, "--overwrite") == 2
+    assert "also holds 'notes.txt'" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+
+
+def test_an_interrupted_cache_build_is_refused_by_train_and_continued_with_resume(workspace, monkeypatch):
+    from lmdistill import teacher_cache
+    from lmdistill.data.packed import prepare_data
+    from lmdistill.models.load import load_teacher
+
+    teacher = load_teacher(str(workspace / "teacher"))
+    data = prepare_data([str(workspace / "corpus")], teacher.tokenizer, 16, val_fraction=0.2, progress=False)
+
+    def build(out: Path, **options) -> dict:
+        return teacher_cache.write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=4,
+                                         shard_blocks=64, precision="fp32", progress=False, **options)  # fmt: skip
+
+    straight = workspace / "cache-straight"
+    build(straight)
+    assert len(list(straight.glob("shard-*"))) > 2 and not (straight / "manifest.incomplete.json").exists()
+    interrupted, real, calls = workspace / "cache-interrupted", teacher_cache.save_file, {"n": 0}
+
+    def crash_at_the_third_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "save_file", crash_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build(interrupted)
+    monkeypatch.setattr(teacher_cache, "save_file", real)
+    shards = ["shard-000000.safetensors", "shard-000001.safetensors"]
+    assert sorted(files(interrupted)) == ["manifest.incomplete.json", *shards]
+    with pytest.raises(LmdistillError, match="incomplete: its build was interrupted; finish it with .* --resume"):
+        run_train(config(workspace, "kd-interrupted", loss="kd", teacher_cache=str(interrupted)))
+    with pytest.raises(LmdistillError, match="is not empty"):
+        build(interrupted)
+    first_shard = (interrupted / "shard-000000.safetensors").stat().st_mtime_ns
+    build(interrupted, resume=True)
+    assert (interrupted / "shard-000000.safetensors").stat().st_mtime_ns == first_shard
+    assert files(interrupted) == files(straight)
+    # A smaller build over it: --resume refuses, --overwrite leaves no shard of the old one behind.
+    with pytest.raises(LmdistillError, match="another num_blocks"):
+        build(interrupted, resume=True, blocks=np.arange(2))
+    manifest = build(interrupted, overwrite=True, blocks=np.arange(2))
+    assert manifest["num_blocks"] == 2 and sorted(files(interrupted)) == ["manifest.json", "shard-000000.safetensors"]
+
+
+def set_item(name: str, index, value):
+    return lambda tensors: tensors[name].__setitem__(index, value)
+
+
+BROKEN_CACHES = {  # case -> (the refusal, a change to the first shard's tensors or to the manifest's fields)
+    "id-beyond-vocab": (r"ids range from 0 to 96, where they must be in \[0, 96\)", set_item("ids", (0, 0, 0), 96)),
+    "negative-id": (r"ids range from -1 to", set_item("ids", (1, 2, 3), -1)),
+    "positive-logprob": (
+        r"logprobs range from .* to 5.0, where they must be finite and <= 0",
+        set_item("logprobs", (0, 0, 0), 5.0),
+    ),
+    "nan-logprob": (r"logprobs range from .* to nan", set_item("logprobs", (0, 3, 1), math.nan)),
+    "infinite-logprob": (r"logprobs range from -inf", set_item("logprobs", (0, 3, 1), -math.inf)),
+    "tail-above-1": (r"tail range from .* to 1.5", set_item("tail", (0, 0), 1.5)),
+    "block-beyond-data": (
+        r"blocks range from \d+ to 10000, where they must be in \[0, \d+\)",
+        set_item("blocks", 0, 10000),
+    ),
+    "logprobs-shape": (
+        r"logprobs is torch.float32 \[\d+, 16, 3\], where the manifest implies torch.float32 \[\d+, 16, 4\]",
+        lambda tensors: tensors.update(logprobs=tensors["logprobs"][..., :3].contiguous()),
+    ),
+    "ids-dtype": (r"ids is torch.int64", lambda tensors: tensors.update(ids=tensors["ids"].long())),
+    "no-tail": (r"tail is missing", lambda tensors: tensors.pop("tail")),
+    "other-vocab": ("distributions over 128 token ids, but the student's output head has 96", {"vocab_size": 128}),
+    "top-k-string": ("malformed: top_k is '4'", {"top_k": "4"}),
+    "shard-outside": ("malformed: shards must list", {"shards": [{"file": "../x.safetensors", "num_blocks": 1}]}),
+    "no-teacher-fingerprint": ("malformed: it has no teacher_fingerprint", {"teacher_fingerprint": None}),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CACHES)
+def test_a_cache_that_breaks_its_format_is_refused_before_the_first_step(workspace, case):
+    message, change = BROKEN_CACHES[case]
+    if not (workspace / "cache-trusted").exists():
+        build_cache(workspace, "cache-trusted", 4)
+    cache = workspace / f"cache-broken-{case}"
+    shutil.copytree(workspace / "cache-trusted", cache)
+    if isinstance(change, dict):
+        manifest = json.loads((cache / "manifest.json").read_text())
+        (cache / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    else:
+        tensors = load_file(cache / "shard-000000.safetensors")
+        change(tensors)
+        save_file(tensors, cache / "shard-000000.safetensors")
+    with pytest.raises(LmdistillError, match=message) as refusal:
+        run_train(config(workspace, f"kd-broken-{case}", loss="kd", teacher_cache=str(cache)))
+    assert "\n" not in str(refusal.value)
 
 
 def test_train_cli_writes_every_artifact(workspace, capsys):

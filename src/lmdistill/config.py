@@ -249,12 +249,25 @@ class CacheTeacherConfig:
     seed: int = field(default=0, metadata={"help": "with --samples: the --seed of the training run"})
     batch_size: int = field(default=8, metadata={"help": "blocks per teacher forward pass"})
     precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the build in a non-empty --out: same teacher weights, data, --seq-len, --top-k and "
+            "blocks, else refused"
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace the teacher cache in a non-empty --out (refused if it holds other files)"},
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
         check_types(self)
         if self.out is None:
             raise LmdistillError("--out is required: the directory to write the cache to")
+        if self.resume and self.overwrite:
+            raise LmdistillError("pass either --resume or --overwrite, not both")
         if self.seq_len < 2 or self.top_k < 1 or self.batch_size < 1 or (self.samples is not None and self.samples < 1):
             raise LmdistillError("--seq-len must be at least 2, --top-k, --batch-size and --samples at least 1")
         if self.seed < 0:

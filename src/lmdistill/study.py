@@ -136,6 +136,7 @@ def _build_teacher_cache(config: StudyConfig, out: Path, teacher: Any, data: Any
             batch_size=config.batch_size,
             precision=config.precision,
             progress=config.progress,
+            resume=True,  # an interrupted build continues
         )
         (path / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
     return path

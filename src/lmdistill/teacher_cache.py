@@ -13,8 +13,10 @@ Format (version 2), one directory:
   `logprobs` float32 [n, L, K] (their log-probabilities at temperature 1) and `tail` float32 [n, L]
   (1 - the sum of those probabilities: the mass of the other V - K tokens).
 
-Position t of a block holds the teacher's distribution over the token at t + 1. Shards are written atomically, so an
-interrupted `cache-teacher` continues where it stopped.
+Position t of a block holds the teacher's distribution over the token at t + 1. While a build runs, its manifest is
+`manifest.incomplete.json`; `manifest.json` replaces it after the last shard. Shards are written atomically, so an
+interrupted build continues where it stopped with `resume` (`cache-teacher --resume`), which first checks that it is
+the same build.
 
 Launch: `lmdistill cache-teacher --teacher default --seq-len 256 --top-k 64 --out runs/teacher-cache`
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,17 @@ from lmdistill.storage import staged
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "lmdistill-teacher-cache", 2
+INCOMPLETE = "manifest.incomplete.json"
+SHARD_FILE = re.compile(r"shard-\d{6}\.safetensors")
+_NAMES = rf"manifest\.json|{re.escape(INCOMPLETE)}|{SHARD_FILE.pattern}"
+CACHE_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})\.partial-[0-9a-f]{{32}}")  # with `staged`'s leftovers
+# what must agree for --resume, the most telling first (a different seq_len also changes the data fingerprint)
+RESUME_KEYS = (
+    "format", "version", "seq_len", "top_k", "tokenizer_fingerprint", "vocab_size", "data_fingerprint",
+    "data_num_blocks", "teacher_fingerprint", "temperature", "num_blocks", "shards",
+)  # fmt: skip
+_RESUME_HINTS = {"teacher_fingerprint": " (other teacher weights)", "data_fingerprint": " (other --data text)",
+                 "num_blocks": " (another --samples or --seed)"}  # fmt: skip
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -69,8 +84,14 @@ def write_cache(
     shard_blocks: int = 256,
     precision: str = "auto",
     progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Compute and store the teacher's top-k next-token distribution on training blocks.
+
+    A non-empty `out` is refused unless `resume` (continue the build it holds: refused unless it has the same teacher
+    fingerprint, data, seq_len, top_k and blocks) or `overwrite` (delete its cache files first: refused if it holds
+    any other file). Every refusal comes before the teacher's first forward pass.
 
     Args:
         teacher: the teacher causal LM (eval mode).
@@ -84,6 +105,8 @@ def write_cache(
         shard_blocks: blocks per shard file.
         precision: "auto", "bf16" or "fp32" autocast of the teacher's forward pass.
         progress: show a progress bar.
+        resume: continue the build in a non-empty `out`, reusing its shards.
+        overwrite: replace the cache in a non-empty `out`.
 
     Returns:
         The manifest.
@@ -97,15 +120,38 @@ def write_cache(
     blocks = np.arange(n_data_blocks) if blocks is None else np.asarray(blocks, dtype=np.int64)
     if len(np.unique(blocks)) != len(blocks) or blocks.min(initial=0) < 0 or blocks.max(initial=0) >= n_data_blocks:
         raise LmdistillError(f"blocks to cache must be distinct training block indices below {n_data_blocks}")
+    existing = check_out(out, resume=resume, overwrite=overwrite)
+    planned = {
+        f"shard-{first // shard_blocks:06d}.safetensors": blocks[first : first + shard_blocks]
+        for first in range(0, len(blocks), shard_blocks)
+    }
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": teacher_name,
+        "teacher_fingerprint": model_fingerprint(teacher),
+        "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
+        "vocab_size": vocab,
+        "data_fingerprint": data.fingerprint,
+        "data_num_blocks": n_data_blocks,
+        "seq_len": seq_len,
+        "top_k": top_k,
+        "temperature": 1.0,
+        "num_blocks": len(blocks),
+        "shards": [{"file": name, "num_blocks": len(indices)} for name, indices in planned.items()],
+    }
+    if existing and resume:
+        _check_resumable(out, manifest, planned)
+    elif existing:  # overwrite: the manifest goes first, so that no half-deleted cache looks whole
+        for path in sorted(existing, key=lambda path: path.name != "manifest.json"):
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    with staged(out / INCOMPLETE, directory=False) as staging:
+        staging.write_text(json.dumps(manifest, indent=2) + "\n")
     device = next(teacher.parameters()).device
-    shards = []
     bar = tqdm(total=len(blocks), unit="block", desc="teacher cache", disable=not progress)
-    for first in range(0, len(blocks), shard_blocks):
-        indices = blocks[first : first + shard_blocks]
-        name = f"shard-{first // shard_blocks:06d}.safetensors"
-        shards.append({"file": name, "num_blocks": len(indices)})
-        if _shard_blocks(out / name) == indices.tolist():  # written atomically by an earlier, interrupted run
+    for name, indices in planned.items():
+        if _shard_blocks(out / name) == indices.tolist():  # written by the build this one resumes
             bar.update(len(indices))
             continue
         ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
@@ -123,24 +169,76 @@ def write_cache(
         with staged(out / name, directory=False) as staging:
             save_file(tensors, staging)
     bar.close()
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "teacher": teacher_name,
-        "teacher_fingerprint": model_fingerprint(teacher),
-        "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
-        "vocab_size": vocab,
-        "data_fingerprint": data.fingerprint,
-        "data_num_blocks": n_data_blocks,
-        "seq_len": seq_len,
-        "top_k": top_k,
-        "temperature": 1.0,
-        "num_blocks": len(blocks),
-        "shards": shards,
-    }
     with staged(out / "manifest.json", directory=False) as staging:
         staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / INCOMPLETE).unlink()
     return manifest
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse a non-empty cache directory unless `resume` or `overwrite`, and with `overwrite` one holding other files.
+
+    Args:
+        out: the cache directory (it need not exist).
+        resume: the build continues the one in `out`.
+        overwrite: the build replaces the cache in `out`.
+
+    Returns:
+        The entries of `out` (with `overwrite`, all of them cache files, see `CACHE_FILE`).
+    """
+    if out.exists() and not out.is_dir():
+        raise LmdistillError(f"--out {out} is a file, not a directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not (resume or overwrite):
+        raise LmdistillError(
+            f"--out {out} is not empty: pass --resume to continue the teacher cache build in it, --overwrite to "
+            "replace it, or another --out"
+        )
+    if overwrite:
+        foreign = [path.name for path in entries if not (path.is_file() and CACHE_FILE.fullmatch(path.name))]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise LmdistillError(
+                f"--overwrite deletes only a teacher cache's manifests and shards, but {out} also holds "
+                f"{foreign[0]!r}{more}: choose another --out"
+            )
+    return entries
+
+
+def _check_resumable(out: Path, manifest: dict[str, Any], planned: dict[str, np.ndarray]) -> None:
+    """Refuse to resume unless `out` holds a build of exactly `manifest` whose shards hold the `planned` blocks."""
+    record = out / "manifest.json" if (out / "manifest.json").is_file() else out / INCOMPLETE
+    try:
+        previous = json.loads(record.read_text())
+    except FileNotFoundError:
+        raise LmdistillError(
+            f"--resume: {out} holds no teacher cache manifest ({INCOMPLETE} or manifest.json), so nothing to "
+            "continue; pass --overwrite to replace its cache files, or another --out"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LmdistillError(f"--resume: {record} is unreadable ({exc}); pass --overwrite to start afresh") from exc
+    for key in RESUME_KEYS:
+        old = previous.get(key) if isinstance(previous, dict) else None
+        if old != manifest[key]:
+            raise LmdistillError(
+                f"--resume: the build in {out} has another {key} ({_brief(old)} there, {_brief(manifest[key])} "
+                f"now){_RESUME_HINTS.get(key, '')}; pass --overwrite to start afresh, or another --out"
+            )
+    for path in out.iterdir():
+        if SHARD_FILE.fullmatch(path.name):
+            held = _shard_blocks(path)  # None: unreadable, computed again
+            if path.name not in planned or held not in (None, planned[path.name].tolist()):
+                raise LmdistillError(
+                    f"--resume: {path} holds other training blocks than this build caches (another --samples or "
+                    "--seed?); pass --overwrite to start afresh"
+                )
+
+
+def _brief(value: Any) -> str:
+    """A manifest value short enough for a one-line message."""
+    if isinstance(value, list):
+        return f"{len(value)} shards"
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else repr(value)
 
 
 def _shard_blocks(file: Path) -> list[int] | None:
@@ -162,28 +260,36 @@ class TeacherCache:
     logprobs: torch.Tensor  # [N, L, K] float32
 
     @classmethod
-    def open(cls, path: Path, data: PackedData) -> TeacherCache:
-        """Read a cache and refuse it unless it was computed on exactly this data and tokenizer.
+    def open(cls, path: Path, data: PackedData, vocab_size: int) -> TeacherCache:
+        """Read a cache and refuse it unless it was computed on exactly this data, tokenizer and vocabulary, and
+        every shard holds what the format allows (see `_check_shard`).
 
         Args:
             path: the cache directory.
             data: the packed data of the training run.
+            vocab_size: rows of the student's output head, the ids the cached distributions may name.
 
         Returns:
             The cache, loaded into memory.
 
         Raises:
-            LmdistillError: missing or corrupt files, or a manifest that does not match the data.
+            LmdistillError: missing or corrupt files, or a manifest that does not match the data or the vocabulary.
         """
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
+            if (path / INCOMPLETE).is_file():
+                raise LmdistillError(
+                    f"teacher cache {path} is incomplete: its build was interrupted; finish it with lmdistill "
+                    "cache-teacher --resume"
+                )
             raise LmdistillError(f"no teacher cache in {path}: manifest.json is missing (run lmdistill cache-teacher)")
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise LmdistillError(f"teacher cache manifest {manifest_path} is corrupt: {exc}") from exc
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise LmdistillError(f"{path} is not a version-{VERSION} lmdistill teacher cache")
+        _check_manifest(manifest_path, manifest)
         expected = {  # the most telling mismatch first: a different seq_len also changes the data fingerprint
             "seq_len": data.train.shape[1],
             "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
@@ -197,6 +303,11 @@ class TeacherCache:
                     f"the data's is {value!r}; rebuild it with lmdistill cache-teacher on the same --data, "
                     "--seq-len and tokenizer"
                 )
+        if manifest["vocab_size"] != vocab_size:
+            raise LmdistillError(
+                f"teacher cache {path} holds distributions over {manifest['vocab_size']} token ids, but the student's "
+                f"output head has {vocab_size}: build it with the teacher the student was made from"
+            )
         blocks, ids, logprobs = [], [], []
         for shard in manifest["shards"]:
             file = path / shard["file"]
@@ -204,9 +315,7 @@ class TeacherCache:
                 tensors = load_file(file)
             except Exception as exc:
                 raise LmdistillError(f"teacher cache shard {file} is missing or corrupt: {exc}") from exc
-            shape = (shard["num_blocks"], manifest["seq_len"], manifest["top_k"])
-            if tuple(tensors["ids"].shape) != shape or tuple(tensors["blocks"].shape) != shape[:1]:
-                raise LmdistillError(f"teacher cache shard {file} does not hold the blocks the manifest says it does")
+            _check_shard(file, tensors, shard["num_blocks"], manifest)
             blocks.append(tensors["blocks"])
             ids.append(tensors["ids"])
             logprobs.append(tensors["logprobs"])
@@ -233,6 +342,60 @@ class TeacherCache:
         return self.ids[rows].long(), self.logprobs[rows]
 
 
+def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose counts, vocabulary, fingerprint or shard list are missing or of the wrong kind."""
+    for key in ("vocab_size", "seq_len", "top_k", "num_blocks", "data_num_blocks"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LmdistillError(f"teacher cache manifest {file} is malformed: {key} is {value!r}, not a count >= 1")
+    if manifest["top_k"] > manifest["vocab_size"]:
+        raise LmdistillError(f"teacher cache manifest {file} is malformed: top_k exceeds vocab_size")
+    if not isinstance(manifest.get("teacher_fingerprint"), str):
+        raise LmdistillError(f"teacher cache manifest {file} is malformed: it has no teacher_fingerprint")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(shard, dict)
+        and isinstance(shard.get("file"), str)
+        and shard["file"] not in ("", "..")
+        and Path(shard["file"]).name == shard["file"]
+        and isinstance(shard.get("num_blocks"), int)
+        and shard["num_blocks"] >= 1
+        for shard in shards
+    ):
+        raise LmdistillError(
+            f"teacher cache manifest {file} is malformed: shards must list {{file, num_blocks}} entries naming files "
+            "in the cache directory, each of at least one block"
+        )
+
+
+def _check_shard(file: Path, tensors: dict[str, torch.Tensor], n: int, manifest: dict[str, Any]) -> None:
+    """Refuse a shard unless its tensors have the format's dtypes, the shapes of `n` blocks of the manifest's
+    seq_len and top_k, block indices among the data's training blocks, ids in the vocabulary, finite log-probabilities
+    <= 0 and tails in [0, 1]."""
+    length, k, vocab = manifest["seq_len"], manifest["top_k"], manifest["vocab_size"]
+    data_blocks = manifest["data_num_blocks"]
+    layout = {
+        "blocks": (torch.int64, (n,), lambda lo, hi: lo >= 0 and hi < data_blocks, f"in [0, {data_blocks})"),
+        "ids": (torch.int32, (n, length, k), lambda lo, hi: lo >= 0 and hi < vocab, f"in [0, {vocab})"),
+        "logprobs": (torch.float32, (n, length, k), lambda lo, hi: lo > -math.inf and hi <= 0, "finite and <= 0"),
+        "tail": (torch.float32, (n, length), lambda lo, hi: lo >= 0 and hi <= 1, "in [0, 1]"),
+    }
+    for name, (dtype, shape, valid, rule) in layout.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            found = "missing" if tensor is None else f"{tensor.dtype} {list(tensor.shape)}"
+            raise LmdistillError(
+                f"teacher cache shard {file}: {name} is {found}, where the manifest implies {dtype} {list(shape)}; "
+                "rebuild the cache with lmdistill cache-teacher --overwrite"
+            )
+        lo, hi = (value.item() for value in torch.aminmax(tensor))
+        if not valid(lo, hi):  # NaN fails every comparison
+            raise LmdistillError(
+                f"teacher cache shard {file}: {name} range from {lo} to {hi}, where they must be {rule}; rebuild "
+                "the cache with lmdistill cache-teacher --overwrite"
+            )
+
+
 def run_cache_teacher(config: Any) -> dict[str, Any]:
     """`lmdistill cache-teacher`: load the teacher and the data, write the cache, return its manifest.
 
@@ -242,6 +405,7 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
     Returns:
         The manifest written to `OUT/manifest.json`.
     """
+    check_out(Path(config.out), resume=config.resume, overwrite=config.overwrite)  # before loading anything
     teacher = load_teacher(config.teacher)
     data = prepare_data(
         config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
@@ -260,4 +424,6 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         batch_size=config.batch_size,
         precision=config.precision,
         progress=config.progress,
+        resume=config.resume,
+        overwrite=config.overwrite,
     )

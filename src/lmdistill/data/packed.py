@@ -7,7 +7,8 @@ A prepared directory ``<cache>/<fingerprint[:16]>/`` (default cache: ``cache_dir
 - ``manifest.json``: the identity fields `IDENTITY_FIELDS` (format version, tokenizer fingerprint, vocabulary size,
   EOS id, dtype, seq_len, split rule, and per source the relative path and sha256 of every file, or the pinned
   packages of the default corpus), their ``fingerprint``, and derived facts: the sources as given, document, token and
-  block counts per split and per source, the tokenizer's name, the creation time.
+  block counts per split and per source, the ``sha256`` of each block file (checked at every open), the tokenizer's
+  name, the creation time.
 
 The fingerprint depends on file contents, not on where the files lie: the same text prepared from another directory
 reuses the cache (its manifest then shows the paths of the first preparation).
@@ -270,7 +271,10 @@ def prepare_data(
 
 
 def open_packed(directory: Path) -> PackedData:
-    """Open a prepared directory, checking its manifest and the sizes of its block files.
+    """Open a prepared directory, checking its manifest and the sizes and sha256 of its block files.
+
+    A manifest written before block files had a recorded sha256 gets its token ids checked against its vocabulary
+    size instead.
 
     Args:
         directory: A directory written by `prepare_data`.
@@ -280,7 +284,8 @@ def open_packed(directory: Path) -> PackedData:
 
     Raises:
         LmdistillError: If the manifest is missing, corrupt or of another format version, or a ``.bin`` file does not
-            hold exactly the blocks the manifest records (e.g. truncated).
+            hold exactly the blocks the manifest records (truncated, or another sha256 or ids beyond the vocabulary:
+            corrupt).
     """
     directory = Path(directory)
     try:
@@ -307,6 +312,18 @@ def open_packed(directory: Path) -> PackedData:
             )
         shape = (blocks[split], seq_len)
         arrays[split] = np.memmap(path, dtype=dtype, mode="c", shape=shape) if blocks[split] else np.zeros(shape, dtype)
+        recorded = manifest.get("sha256")
+        if recorded is not None:
+            if not isinstance(recorded, dict) or sha256_file(path) != recorded.get(split):
+                raise LmdistillError(
+                    f"{path} does not have the sha256 its manifest records: corrupt; delete {directory} and it is "
+                    "prepared again"
+                )
+        elif arrays[split].size and arrays[split].max() >= manifest["vocab_size"]:
+            raise LmdistillError(
+                f"{path} holds token id {arrays[split].max()}, beyond the vocabulary of {manifest['vocab_size']}: "
+                f"corrupt; delete {directory} and it is prepared again"
+            )
     return PackedData(train=arrays["train"], val=arrays["val"], manifest=manifest, directory=directory)
 
 
@@ -448,6 +465,7 @@ def _build(
             "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
             **counts,
             "per_source": per_source,
+            "sha256": {split_name: sha256_file(staging / f"{split_name}.bin") for split_name in ("train", "val")},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")

@@ -237,7 +237,8 @@ class PackedTrainData:
             torch.distributed.barrier()
         self.manifest = self.data.manifest
         if config.teacher_cache is not None and config.kd_share > 0:
-            self.cache = TeacherCache.open(Path(config.teacher_cache), self.data)
+            vocab = student.get_output_embeddings().weight.shape[0]
+            self.cache = TeacherCache.open(Path(config.teacher_cache), self.data, vocab)
             total_samples = config.max_steps * config.batch_size * config.grad_accum * processes.world
             missing = self.cache.missing(DataOrder(len(self), config.seed).blocks(0, total_samples))
             if len(missing):
