@@ -17,7 +17,7 @@ import time
 import torch
 
 from lmdistill.data import builtin_sample_text
-from lmdistill.evaluate import heldout_loss, token_blocks
+from lmdistill.evaluation import heldout_loss, token_blocks
 from lmdistill.init.build import INIT_METHODS, build_student
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher

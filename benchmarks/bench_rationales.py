@@ -55,11 +55,12 @@ from captum.attr import (
     TextTokenInput,
 )
 
+from lmdistill.commands.rationales_extract import extract_batch
 from lmdistill.config import AttributionMethod, RationaleExtractConfig
 from lmdistill.models.load import load_teacher
 from lmdistill.provenance import environment
+from lmdistill.rationales.answers import encode_answer, teacher_answers
 from lmdistill.rationales.attribution import answer_attributions, choice_logprobs
-from lmdistill.rationales.extract import encode_answer, extract_batch, teacher_answers
 from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
 
 METHODS: tuple[str, ...] = get_args(AttributionMethod)

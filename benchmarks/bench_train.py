@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmdistill.commands.cache_teacher import run_cache_teacher
 from lmdistill.config import CacheTeacherConfig, TrainConfig
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
 from lmdistill.models.load import load_hf_directory, load_teacher
-from lmdistill.teacher_cache import run_cache_teacher
 from lmdistill.train.loop import run_train
 
 MODES = ("ce", "kd_online", "kd_cached", "trl_kd")

@@ -129,7 +129,7 @@ def no_teacher_weights(monkeypatch):
     def load_teacher(spec, *args, **kwargs):
         raise AssertionError(f"the teacher {spec} was loaded before the refusal")
 
-    monkeypatch.setattr("lmdistill.init.run.load_teacher", load_teacher)
+    monkeypatch.setattr("lmdistill.commands.init.load_teacher", load_teacher)
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,11 @@ import torch
 import yaml
 from conftest import save_tiny_teacher, tiny_teacher, tiny_tokenizer, write_corpus
 
-from lmdistill import evaluate
+from lmdistill import precision as precision_module
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
-from lmdistill.evaluate import gap_closed, gap_closed_forms, resolve_precision
+from lmdistill.evaluation import gap_closed, gap_closed_forms
+from lmdistill.precision import resolve_precision
 from lmdistill.provenance import environment, recorded_precision
 from lmdistill.train.loop import run_train
 
@@ -104,7 +105,7 @@ def test_eval_of_a_model_with_nan_weights_is_refused_naming_it(ws, tmp_path, cap
     ],
 )
 def test_the_precision_auto_resolves_to_is_recorded_by_eval_and_train(ws, tmp_path, monkeypatch, fast, expected):
-    monkeypatch.setattr(evaluate, "fast_bf16", lambda device, cpuinfo=None: fast)
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device, cpuinfo=None: fast)
     assert resolve_precision(CPU, "auto") == expected
     assert resolve_precision(CPU, "fp32") == ("fp32", "set to fp32")
     assert resolve_precision(CPU, "bf16") == ("bf16", "set to bf16")

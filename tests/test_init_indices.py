@@ -17,8 +17,17 @@ from lmdistill.models.adapters import ModelShape, adapter_for
 # family -> {canonical role: the axis of that family}; roles absent from a model are skipped
 BLOCK_AXES: dict[str, dict[str, int]] = {
     "width": {
-        "q": 0, "k": 0, "v": 0, "up": 0, "gate": 0, "o": 2, "down": 1, "o_bias": 0, "down_bias": 0,
-        "attn_norm": 0, "mlp_norm": 0,
+        "q": 0,
+        "k": 0,
+        "v": 0,
+        "up": 0,
+        "gate": 0,
+        "o": 2,
+        "down": 1,
+        "o_bias": 0,
+        "down_bias": 0,
+        "attn_norm": 0,
+        "mlp_norm": 0,
     },
     "q_heads": {"q": 1, "o": 0, "q_bias": 0},
     "kv_heads": {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0},
@@ -75,7 +84,12 @@ def tag_teacher(teacher, family: str) -> None:
 def test_weight_selection_keeps_one_set_of_indices_per_axis_in_every_tensor(kind, tied, family):
     # Sizes chosen so that no two axes of the teacher or the student have the same length.
     teacher = tiny_teacher(
-        kind, tie_word_embeddings=tied, hidden_size=40, num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+        kind,
+        tie_word_embeddings=tied,
+        hidden_size=40,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=12,
         intermediate_size=72,
     )
     tag_teacher(teacher, family)
@@ -85,8 +99,11 @@ def test_weight_selection_keeps_one_set_of_indices_per_axis_in_every_tensor(kind
     student = adapter.read(build_student(teacher, shape, "weight-selection").student)
     idx = block_indices(t_shape, shape, adapter.rotary)
     expected = {
-        "width": uniform_indices(40, 20), "q_heads": idx.q_heads, "kv_heads": idx.kv_heads,
-        "head_dims": idx.head_dims, "units": idx.units,
+        "width": uniform_indices(40, 20),
+        "q_heads": idx.q_heads,
+        "kv_heads": idx.kv_heads,
+        "head_dims": idx.head_dims,
+        "units": idx.units,
     }[family].tolist()
     roles = [(block, role, axis) for block in student.blocks for role, axis in BLOCK_AXES[family].items()]
     if family == "width":

@@ -11,6 +11,7 @@ import yaml
 from conftest import save_tiny_teacher, tiny_teacher
 
 from lmdistill.cli import main
+from lmdistill.commands.rationales_extract import extract_batch
 from lmdistill.config import RationaleExtractConfig, RationaleTask
 from lmdistill.errors import LmdistillError
 from lmdistill.rationales import attribution
@@ -21,7 +22,6 @@ from lmdistill.rationales.attribution import (
     choose,
     continuation_logprob,
 )
-from lmdistill.rationales.extract import extract_batch
 from lmdistill.rationales.tasks import (
     SHARED_DATA_ENV,
     TASKS,
@@ -663,7 +663,7 @@ def test_a_broken_rationales_file_for_train_names_the_flag_file_and_line(teacher
 
 def test_train_reads_a_rationales_file_without_a_final_newline_whole_and_leaves_it_alone(tmp_path):
     from lmdistill.config import RationaleTrainConfig
-    from lmdistill.rationales.train import rationale_targets
+    from lmdistill.train.rationale_data import rationale_targets
 
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
     path = tmp_path / "hand-written.jsonl"

@@ -14,12 +14,10 @@ import yaml
 from conftest import save_tiny_teacher, tiny_teacher, tiny_tokenizer
 
 from lmdistill.cli import main
-from lmdistill.config import RationaleExtractConfig, RationaleStudyConfig, StudyConfig, load_yaml
-from lmdistill.errors import LmdistillError
-from lmdistill.rationales import evaluate as evaluate_module
-from lmdistill.rationales import study as study_module
-from lmdistill.rationales.extract import read_records, run_extract, write_first_words
-from lmdistill.rationales.study import (
+from lmdistill.commands import rationales_eval as evaluate_module
+from lmdistill.commands import rationales_study as study_module
+from lmdistill.commands.rationales_extract import run_extract
+from lmdistill.commands.rationales_study import (
     check_study_resumable,
     rationale_file,
     rationale_word_share,
@@ -27,8 +25,11 @@ from lmdistill.rationales.study import (
     task_dir,
     word_in,
 )
+from lmdistill.commands.study import check_resumable
+from lmdistill.config import RationaleExtractConfig, RationaleStudyConfig, StudyConfig, load_yaml
+from lmdistill.errors import LmdistillError
+from lmdistill.rationales.records import read_records, write_first_words
 from lmdistill.rationales.tasks import SHARED_DATA_ENV, Example, load_task
-from lmdistill.study import check_resumable
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -426,8 +427,18 @@ def test_rationales_eval_of_a_model_with_nan_weights_is_refused(tmp_path, capsys
     row = {"id": "e0", "input": "the b or c", "label": "c"}
     write_jsonl(tmp_path / "data.jsonl", [{**row, "choices": ["b", "c"]} if choices else row])
     message = cli_error(
-        capsys, "rationales", "eval", "--task", "jsonl", "--data", tmp_path / "data.jsonl", "--model",
-        tmp_path / "nan", "--max-new-tokens", 2, "--no-progress",
+        capsys,
+        "rationales",
+        "eval",
+        "--task",
+        "jsonl",
+        "--data",
+        tmp_path / "data.jsonl",
+        "--model",
+        tmp_path / "nan",
+        "--max-new-tokens",
+        2,
+        "--no-progress",
     )
     expected = "the model's log-probabilities are NaN: its weights or its forward pass give NaN"
     assert message == f"lmdistill rationales eval: error: {expected}"

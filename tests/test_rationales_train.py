@@ -21,12 +21,13 @@ from conftest import save_tiny_teacher
 from transformers import AutoModelForCausalLM
 
 from lmdistill.cli import main
+from lmdistill.commands.rationales_train import run_rationale_train
 from lmdistill.config import RationaleTrainConfig
 from lmdistill.errors import LmdistillError
-from lmdistill.rationales import extract as extract_module
-from lmdistill.rationales import train as train_module
+from lmdistill.rationales import answers as answers_module
 from lmdistill.rationales.tasks import is_correct, load_task
-from lmdistill.rationales.train import LABEL, RATIONALE, MultitaskLoss, TargetSequence, pad_right, run_rationale_train
+from lmdistill.train import rationale_data as train_module
+from lmdistill.train.rationale_data import LABEL, RATIONALE, MultitaskLoss, TargetSequence, pad_right
 
 # Words of the tiny tokenizer (conftest.WORDS, single letters, digits), so that nothing is <unk>.
 ROWS = [
@@ -347,7 +348,7 @@ def test_svamp_answers_are_scored_by_the_value_of_the_equation(ws, tmp_path, mon
     )
     answers = iter(["4 + 3", "80"])
     monkeypatch.setattr(
-        extract_module, "generate", lambda model, tokenizer, prompts, **kw: [next(answers) for _ in prompts]
+        answers_module, "generate", lambda model, tokenizer, prompts, **kw: [next(answers) for _ in prompts]
     )
     assert run("rationales", "eval", "--model", ws / "student", "--task", "svamp", "--data", data,
                "--no-progress", "--out", tmp_path / "svamp.json.eval") == 0  # fmt: skip

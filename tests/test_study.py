@@ -13,9 +13,9 @@ import yaml
 from conftest import save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
+from lmdistill.commands.study import collect_results, run_dir, student_dir, write_results
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
-from lmdistill.study import collect_results, run_dir, student_dir, write_results
 from lmdistill.train.loop import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
 def test_resume_refuses_a_changed_study(study):
     out, config_file, _ = study
     with pytest.raises(LmdistillError, match="different train_tokens"):
-        from lmdistill.study import run_study
+        from lmdistill.commands.study import run_study
 
         run_study(
             StudyConfig(**{**load_yaml(config_file, StudyConfig), "train_tokens": 512, "out": str(out)}, resume=True)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lmdistill import evaluate
+from lmdistill import objective
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
@@ -130,7 +130,7 @@ def test_gradient_accumulation_does_not_change_the_update(workspace):
 def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace, monkeypatch):
     run_train(config(workspace, "straight", max_steps=6, save_every=3))
     calls = {"n": 0}
-    real = evaluate.chunked_distill_loss
+    real = objective.chunked_distill_loss
 
     def crash_in_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -138,10 +138,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(workspace,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "chunked_distill_loss", crash_in_step_5)
+    monkeypatch.setattr(objective, "chunked_distill_loss", crash_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         run_train(config(workspace, "crashed", max_steps=6, save_every=3))
-    monkeypatch.setattr(evaluate, "chunked_distill_loss", real)
+    monkeypatch.setattr(objective, "chunked_distill_loss", real)
     assert (workspace / "crashed" / "checkpoints" / "latest").read_text().strip() == "step-000003"
     run_train(config(workspace, "crashed", max_steps=6, save_every=3, resume=True))
     a, b = weights(workspace / "straight" / "final"), weights(workspace / "crashed" / "final")
@@ -223,7 +223,7 @@ def test_a_checkpoint_with_the_optimizer_state_keyed_by_position_still_resumes(w
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
-    real = evaluate.chunked_distill_loss
+    real = objective.chunked_distill_loss
     calls = {"n": 0}
 
     def nan_at_step_3(*args, **kwargs):
@@ -231,7 +231,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
         total, ce, kd = real(*args, **kwargs)
         return (total * float("nan"), ce, kd) if calls["n"] == 3 else (total, ce, kd)
 
-    monkeypatch.setattr(evaluate, "chunked_distill_loss", nan_at_step_3)
+    monkeypatch.setattr(objective, "chunked_distill_loss", nan_at_step_3)
     with pytest.raises(LmdistillError, match=r"loss became nan at step 3.*step-000002"):
         run_train(config(workspace, "nan", max_steps=4, save_every=2))
     checkpoints = workspace / "nan" / "checkpoints"
@@ -645,7 +645,7 @@ def test_fsdp_needs_several_processes(workspace):
 
 
 def test_gap_closed_matches_hand_computed_values():
-    from lmdistill.evaluate import gap_closed
+    from lmdistill.evaluation import gap_closed
 
     assert gap_closed(base=5.0, method=4.0, teacher=3.0) == pytest.approx(0.5)
     assert gap_closed(base=5.0, method=3.0, teacher=3.0) == pytest.approx(1.0)
@@ -677,7 +677,7 @@ def test_eval_cli_reports_losses_and_the_gap_closed(workspace, capsys):
 
 
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path):
-    from lmdistill.evaluate import fast_bf16
+    from lmdistill.precision import fast_bf16
 
     cpu = torch.device("cpu")
     (tmp_path / "avx2").write_text("flags\t\t: fpu sse2 avx avx2 fma\n")

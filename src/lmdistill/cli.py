@@ -35,7 +35,7 @@ from lmdistill.errors import LmdistillError
 
 
 def _init(config: InitConfig) -> None:
-    from lmdistill.init.run import format_report, run_init
+    from lmdistill.commands.init import format_report, run_init
 
     print(format_report(run_init(config), config.out))
 
@@ -49,7 +49,7 @@ def _train(config: TrainConfig) -> None:
 
 
 def _cache_teacher(config: CacheTeacherConfig) -> None:
-    from lmdistill.teacher_cache import run_cache_teacher
+    from lmdistill.commands.cache_teacher import run_cache_teacher
 
     manifest = run_cache_teacher(config)
     print(
@@ -59,7 +59,8 @@ def _cache_teacher(config: CacheTeacherConfig) -> None:
 
 
 def _eval(config: EvalConfig) -> None:
-    from lmdistill.evaluate import GAP_UNDEFINED, run_eval
+    from lmdistill.commands.eval import run_eval
+    from lmdistill.evaluation import GAP_UNDEFINED
 
     results = run_eval(config)
     for name in ("model", "baseline", "teacher"):
@@ -77,8 +78,8 @@ def _eval(config: EvalConfig) -> None:
 
 
 def _study(config: StudyConfig) -> None:
-    from lmdistill.report import headline_table
-    from lmdistill.study import run_study
+    from lmdistill.commands.study import run_study
+    from lmdistill.commands.study_report import headline_table
 
     results = run_study(config)
     out = results["written_to"]
@@ -90,7 +91,7 @@ def _demo(config: DemoConfig) -> None:
 
 
 def _rationales_extract(config: RationaleExtractConfig) -> None:
-    from lmdistill.rationales.extract import run_extract
+    from lmdistill.commands.rationales_extract import run_extract
 
     summary = run_extract(config)
     speed = f", {summary['examples_per_s']:.2f} examples/s" if summary["examples_per_s"] else ""
@@ -101,7 +102,7 @@ def _rationales_extract(config: RationaleExtractConfig) -> None:
 
 
 def _rationales_train(config: RationaleTrainConfig) -> None:
-    from lmdistill.rationales.train import run_rationale_train
+    from lmdistill.commands.rationales_train import run_rationale_train
 
     summary = run_rationale_train(config)
     if "final" in summary:
@@ -114,7 +115,7 @@ def _rationales_train(config: RationaleTrainConfig) -> None:
 
 
 def _rationales_eval(config: RationaleEvalConfig) -> None:
-    from lmdistill.rationales.evaluate import run_rationale_eval
+    from lmdistill.commands.rationales_eval import run_rationale_eval
 
     results = run_rationale_eval(config)
     print(
@@ -124,8 +125,8 @@ def _rationales_eval(config: RationaleEvalConfig) -> None:
 
 
 def _rationales_study(config: RationaleStudyConfig) -> None:
-    from lmdistill.rationales.report import accuracy_tables
-    from lmdistill.rationales.study import run_rationale_study
+    from lmdistill.commands.rationales_report import accuracy_tables
+    from lmdistill.commands.rationales_study import run_rationale_study
 
     results = run_rationale_study(config)
     out = results["written_to"]

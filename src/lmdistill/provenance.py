@@ -36,7 +36,7 @@ def git_state() -> dict[str, Any]:
 
 def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
     """Versions, device and git state, for the files every run writes; with ``precision``, the precision the run's
-    forward passes used and why (`lmdistill.evaluate.resolve_precision`) as ``precision`` and ``precision_reason``."""
+    forward passes used and why (`lmdistill.precision.resolve_precision`) as ``precision`` and ``precision_reason``."""
     cuda = torch.cuda.is_available()
     env = {
         "lmdistill": lmdistill.__version__,

@@ -1,11 +1,18 @@
-"""Paired comparisons of two arms scored on the same test examples: bootstrap intervals and McNemar's test."""
+"""Statistics of study results: spreads over seeds, and paired comparisons of two arms scored on the same test
+examples (bootstrap intervals, McNemar's test)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def spread(values: list[float]) -> float | None:
+    """Sample standard deviation over seeds; None for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmdistill.data.order import DataOrder
-from lmdistill.data.packed import PackedData, prepare_data, tokenizer_fingerprint
+from lmdistill.data.packed import PackedData, tokenizer_fingerprint
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import autocast
-from lmdistill.models.load import load_teacher
+from lmdistill.precision import autocast
 from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
@@ -394,36 +392,3 @@ def _check_shard(file: Path, tensors: dict[str, torch.Tensor], n: int, manifest:
                 f"teacher cache shard {file}: {name} range from {lo} to {hi}, where they must be {rule}; rebuild "
                 "the cache with lmdistill cache-teacher --overwrite"
             )
-
-
-def run_cache_teacher(config: Any) -> dict[str, Any]:
-    """`lmdistill cache-teacher`: load the teacher and the data, write the cache, return its manifest.
-
-    Args:
-        config: a `CacheTeacherConfig`.
-
-    Returns:
-        The manifest written to `OUT/manifest.json`.
-    """
-    check_out(Path(config.out), resume=config.resume, overwrite=config.overwrite)  # before loading anything
-    teacher = load_teacher(config.teacher)
-    data = prepare_data(
-        config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
-    )
-    blocks = None
-    if config.samples is not None:  # the blocks a run of that many samples reads, in storage order
-        blocks = np.unique(DataOrder(len(data.train), config.seed).blocks(0, config.samples))
-    return write_cache(
-        teacher.model,
-        teacher.name,
-        teacher.tokenizer,
-        data,
-        Path(config.out),
-        top_k=config.top_k,
-        blocks=blocks,
-        batch_size=config.batch_size,
-        precision=config.precision,
-        progress=config.progress,
-        resume=config.resume,
-        overwrite=config.overwrite,
-    )

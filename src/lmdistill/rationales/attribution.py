@@ -220,7 +220,10 @@ def generate(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
     )
     out = model.generate(
-        input_ids=ids, attention_mask=mask.long(), generation_config=config, output_scores=True,
+        input_ids=ids,
+        attention_mask=mask.long(),
+        generation_config=config,
+        output_scores=True,
         return_dict_in_generate=True,
     )
     if any(step.isnan().any() for step in out.scores):

@@ -8,7 +8,7 @@ that DDP wraps or FSDP shards (`LMLoss`), so one code path serves one process, D
 
 What the loop trains on is a `TrainData`: the packed text blocks of `--data` (`PackedTrainData`, the default) or any
 other source that gives padded, label-masked batches and its own loss module, such as the label + rationale
-multitask data of `lmdistill rationales train` (`lmdistill.rationales.train`). Optimizer, schedule, clipping,
+multitask data of `lmdistill rationales train` (`lmdistill.train.rationale_data`). Optimizer, schedule, clipping,
 checkpoints, resume, progress bar and metrics are the same for every source.
 
 Launch: `lmdistill train --student runs/student-guide --teacher default --loss ce+kd --max-steps 200
@@ -33,17 +33,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmdistill import distributed
 from lmdistill.config import TrainConfig, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import LMLoss, autocast, heldout_loss, perplexity, resolve_precision, shifted_labels
+from lmdistill.evaluation import heldout_loss, perplexity
 from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.objective import LMLoss, shifted_labels
+from lmdistill.precision import autocast, resolve_precision
 from lmdistill.provenance import environment
 from lmdistill.storage import remove_staging_leftovers, staged
 from lmdistill.teacher_cache import TeacherCache
-from lmdistill.train import checkpoint, distributed
+from lmdistill.train import checkpoint
 
 log = logging.getLogger(__name__)
 

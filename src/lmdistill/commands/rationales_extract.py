@@ -23,13 +23,14 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import RationaleEvalConfig, RationaleExtractConfig, to_yaml
+from lmdistill.config import RationaleExtractConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_teacher
-from lmdistill.rationales.attribution import answer_attributions, choose, generate
-from lmdistill.rationales.tasks import Example, continuation, is_correct, load_task, render_prompt
+from lmdistill.rationales.answers import encode_answer, teacher_answers
+from lmdistill.rationales.attribution import answer_attributions
+from lmdistill.rationales.records import read_records, settings_path
+from lmdistill.rationales.tasks import Example, is_correct, load_task, render_prompt
 from lmdistill.rationales.words import rationale_text, select_words, split_words, word_scores
-from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
 
@@ -42,70 +43,6 @@ RECORD_SETTINGS = (
 IG_SETTINGS = ("ig_steps", "ig_baseline")
 # Settings added since the first rationale files: the value those files were written with.
 SETTINGS_BEFORE = {"ig_baseline": "zero"}
-
-
-def settings_path(out: Path) -> Path:
-    """Where the settings of a rationale file are kept: ``OUT.config.yaml``."""
-    return out.with_name(out.name + ".config.yaml")
-
-
-def read_records(out: Path) -> list[dict[str, Any]]:
-    """The records of the rationale file ``--out`` (none if it does not exist).
-
-    An incomplete last line (a write cut short) is removed from the file with a warning.
-
-    Raises:
-        LmdistillError: a line that is not a rationale record (see `parse_records`).
-    """
-    if not out.exists():
-        return []
-    data = out.read_bytes()
-    whole = data.rfind(b"\n") + 1
-    if whole < len(data):
-        log.warning("%s: removing an incomplete last line (an interrupted write)", out)
-        with out.open("r+b") as f:
-            f.truncate(whole)
-    return parse_records(out, "--out")
-
-
-def parse_records(path: Path, flag: str, fields: tuple[str, ...] = ("id",)) -> list[dict[str, Any]]:
-    """The records of a rationale file, one JSON object per line (blank lines skipped), each with string ``fields``.
-
-    Args:
-        path: the file, which exists.
-        flag: the option that gave it, named in errors.
-        fields: the fields every record must have as strings.
-
-    Raises:
-        LmdistillError: a line that is not such a record, named by file and line.
-    """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise LmdistillError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    records = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            problem = _record_problem(record, fields)
-        except json.JSONDecodeError as exc:
-            problem = f"invalid JSON ({exc.msg})"
-        if problem:
-            raise LmdistillError(
-                f"{flag} {path} line {line_no} is not a rationale record: {problem}; give another {flag}"
-            )
-        records.append(record)
-    return records
-
-
-def _record_problem(record: Any, fields: tuple[str, ...]) -> str | None:
-    """What keeps a parsed JSON line from being a record with string ``fields``; None if nothing."""
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    missing = [f for f in fields if not isinstance(record.get(f), str)]
-    return f"no string field {missing[0]!r}" if missing else None
 
 
 def _check_out(out: Path) -> None:
@@ -146,48 +83,6 @@ def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool) -
         raise LmdistillError(f"{out} was written with {shown}: resume with the same settings or give another --out")
 
 
-def encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
-    """The token ids of an answer as the teacher's continuation (`continuation`) after the prompt; an empty answer (the
-    model produced no text) is attributed through the end-of-sequence token it chose."""
-    return (
-        tokenizer(continuation(answer), add_special_tokens=False)["input_ids"] if answer else [tokenizer.eos_token_id]
-    )
-
-
-def teacher_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
-    prompt_ids: list[list[int]],
-    config: RationaleExtractConfig | RationaleEvalConfig,
-    pad_id: int,
-) -> list[str]:
-    """The model's answer to each prompt: its best choice for multiple-choice examples (``config.choice_score``),
-    else its greedy answer (at most ``config.max_new_tokens``); used for the teacher (extract) and students (eval)."""
-    answers = [""] * len(examples)
-    picked = [i for i, e in enumerate(examples) if e.choices]
-    if picked:
-        options = [[encode_answer(tokenizer, c) for c in examples[i].choices] for i in picked]
-        picks = choose(
-            model,
-            [prompt_ids[i] for i in picked],
-            options,
-            batch_size=config.batch_size,
-            pad_id=pad_id,
-            per_token=config.choice_score == "mean",
-        )
-        for i, pick in zip(picked, picks):
-            answers[i] = examples[i].choices[pick]
-    free = [i for i, e in enumerate(examples) if not e.choices]
-    if free:
-        texts = generate(
-            model, tokenizer, [prompt_ids[i] for i in free], max_new_tokens=config.max_new_tokens, pad_id=pad_id
-        )
-        for i, text in zip(free, texts):
-            answers[i] = text
-    return answers
-
-
 def extract_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], config: RationaleExtractConfig
 ) -> list[dict[str, Any]]:
@@ -223,44 +118,6 @@ def extract_batch(
             }
         )
     return records
-
-
-def first_words(record: dict[str, Any], k: int) -> dict[str, Any]:
-    """A record cut to its first ``k`` rationale words, ``rationale`` rebuilt from them.
-
-    For records extracted with ``--order score`` this is exactly the record an extraction with ``--k k`` writes: the
-    selection sorts every candidate word by score before keeping the best ones, so smaller k give prefixes.
-    """
-    words = record["words"][:k]
-    return {**record, "words": words, "rationale": rationale_text([(word, score) for word, score in words])}
-
-
-def write_first_words(source: Path, out: Path, k: int) -> int:
-    """Write the records of the rationale file ``source`` cut to their first ``k`` words (`first_words`) to ``out``,
-    atomically, with the settings file an extraction with ``--k k`` would have written beside it.
-
-    Returns:
-        The number of records written.
-
-    Raises:
-        LmdistillError: ``source`` has no settings file, was extracted with ``--order input`` (its words are not in
-            score order) or with fewer than ``k`` words per record.
-    """
-    path = settings_path(source)
-    if not path.is_file():
-        raise LmdistillError(f"{source} has no settings file {path}: cannot tell how it was extracted")
-    settings = yaml.safe_load(path.read_text())
-    if settings.get("order") != "score" or settings.get("k", 0) < k:
-        raise LmdistillError(
-            f"{source} was extracted with --order {settings.get('order')} --k {settings.get('k')}: its first {k} words "
-            f"are the top-{k} rationale only with --order score and --k {k} or more"
-        )
-    records = [first_words(r, k) for r in read_records(source)]
-    with staged(settings_path(out), directory=False) as staging:  # first: records never lack their settings
-        staging.write_text(yaml.safe_dump({**settings, "out": str(out), "k": k}, sort_keys=False))
-    with staged(out, directory=False) as staging:
-        staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return len(records)
 
 
 def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:

@@ -28,15 +28,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmdistill.commands.init import run_init
+from lmdistill.commands.study_report import undefined_gap_seeds, write_plots, write_report
 from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import gap_closed_forms, heldout_loss, perplexity, resolve_precision
-from lmdistill.init.run import run_init
+from lmdistill.evaluation import gap_closed_forms, heldout_loss, perplexity
 from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.precision import resolve_precision
 from lmdistill.provenance import environment, recorded_precision
-from lmdistill.report import undefined_gap_seeds, write_plots, write_report
+from lmdistill.stats import spread
 from lmdistill.teacher_cache import write_cache
 from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
@@ -147,11 +149,6 @@ def _curve(run: Path) -> list[dict[str, float]]:
     return [
         {"tokens": r["tokens"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"]} for r in records if "val_loss" in r
     ]
-
-
-def spread(values: list[float]) -> float | None:
-    """Sample standard deviation over seeds; None for a single seed."""
-    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:

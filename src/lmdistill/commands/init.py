@@ -16,7 +16,7 @@ from typing import Any
 from lmdistill.config import InitConfig, to_yaml
 from lmdistill.data import builtin_sample_text
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import heldout_loss, perplexity, token_blocks
+from lmdistill.evaluation import heldout_loss, perplexity, token_blocks
 from lmdistill.init.build import build_student
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher, teacher_config, teacher_source

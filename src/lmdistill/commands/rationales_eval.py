@@ -21,7 +21,7 @@ from lmdistill.config import RationaleEvalConfig
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
-from lmdistill.rationales.extract import teacher_answers
+from lmdistill.rationales.answers import teacher_answers
 from lmdistill.rationales.tasks import is_correct, load_task, render_prompt
 
 

@@ -1,4 +1,4 @@
-"""`lmdistill rationales train`: multitask causal-LM training on labels and rationales, on the training engine.
+"""The data of multitask causal-LM training on labels and rationales (`lmdistill rationales train`), for the engine.
 
 Each example gives a ``predict:`` sequence (its prompt, then the label) and, when it has a rationale, an ``explain:``
 sequence (its prompt, then the rationale); both targets are `continuation` texts followed by the end-of-sequence
@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.config import RationaleTrainConfig, TrainConfig
+from lmdistill import distributed
+from lmdistill.config import RationaleTrainConfig
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluate import LMLoss, autocast
 from lmdistill.losses import chunked_distill_loss
-from lmdistill.rationales.extract import parse_records
-from lmdistill.rationales.tasks import Example, continuation, load_task, render_prompt
-from lmdistill.train import distributed
-from lmdistill.train.loop import check_positions, run_train
+from lmdistill.objective import LMLoss
+from lmdistill.precision import autocast
+from lmdistill.rationales.records import parse_records
+from lmdistill.rationales.tasks import Example, continuation, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -294,26 +294,3 @@ def build_data(
         precision=config.precision,
         manifest=manifest,
     )
-
-
-def run_rationale_train(config: RationaleTrainConfig) -> dict[str, Any]:
-    """Train a student on labels (+ λ · rationales) with the training engine; see the module docstring.
-
-    Returns:
-        The engine's summary (steps, tokens, held-out label loss, ``final`` directory), plus ``data`` (the manifest).
-    """
-    examples = load_task(
-        config.task, config.split, data=config.data, size=config.size, seed=config.data_seed, limit=config.limit
-    )
-    rationales = rationale_targets(examples, config)
-    built: dict[str, RationaleTrainData] = {}
-
-    def make_data(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, processes: Any) -> RationaleTrainData:
-        check_positions(student, config.max_len, "--max-len")
-        built["data"] = build_data(config, tokenizer, examples, rationales)
-        return built["data"]
-
-    engine: TrainConfig = config.engine_config()
-    summary = run_train(engine, data=make_data, settings=config)
-    summary["data"] = built["data"].manifest
-    return summary

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmdistill.report import plus_minus, precision_text  # noqa: E402
+from lmdistill.commands.study_report import plus_minus, precision_text  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic"}
 ARM_DESCRIPTIONS = {

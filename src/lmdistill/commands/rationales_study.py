@@ -44,15 +44,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmdistill.commands.rationales_eval import run_rationale_eval
+from lmdistill.commands.rationales_extract import IG_SETTINGS, run_extract
+from lmdistill.commands.rationales_report import write_plot, write_report
+from lmdistill.commands.rationales_train import run_rationale_train
+from lmdistill.commands.study import check_resumable
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import environment, recorded_precision
-from lmdistill.rationales.evaluate import run_rationale_eval
-from lmdistill.rationales.extract import IG_SETTINGS, read_records, run_extract, write_first_words
-from lmdistill.rationales.report import write_plot, write_report
+from lmdistill.rationales.records import read_records, write_first_words
 from lmdistill.rationales.tasks import Example, load_task
-from lmdistill.rationales.train import run_rationale_train
-from lmdistill.study import check_resumable, spread
+from lmdistill.stats import spread
 from lmdistill.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)

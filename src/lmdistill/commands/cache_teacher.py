@@ -1,0 +1,46 @@
+"""`lmdistill cache-teacher`: run the teacher once over the training blocks and store its top-k distributions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdistill.data.order import DataOrder
+from lmdistill.data.packed import prepare_data
+from lmdistill.models.load import load_teacher
+from lmdistill.teacher_cache import check_out, write_cache
+
+
+def run_cache_teacher(config: Any) -> dict[str, Any]:
+    """`lmdistill cache-teacher`: load the teacher and the data, write the cache, return its manifest.
+
+    Args:
+        config: a `CacheTeacherConfig`.
+
+    Returns:
+        The manifest written to `OUT/manifest.json`.
+    """
+    check_out(Path(config.out), resume=config.resume, overwrite=config.overwrite)  # before loading anything
+    teacher = load_teacher(config.teacher)
+    data = prepare_data(
+        config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
+    )
+    blocks = None
+    if config.samples is not None:  # the blocks a run of that many samples reads, in storage order
+        blocks = np.unique(DataOrder(len(data.train), config.seed).blocks(0, config.samples))
+    return write_cache(
+        teacher.model,
+        teacher.name,
+        teacher.tokenizer,
+        data,
+        Path(config.out),
+        top_k=config.top_k,
+        blocks=blocks,
+        batch_size=config.batch_size,
+        precision=config.precision,
+        progress=config.progress,
+        resume=config.resume,
+        overwrite=config.overwrite,
+    )

@@ -1,0 +1,42 @@
+"""The training objective as a module: a causal LM whose forward ends in the chunked loss on its hidden states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lmdistill.losses import chunked_distill_loss
+
+
+def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Next-token targets of a batch of blocks: position t predicts token t + 1; the last position is ignored.
+
+    Args:
+        ids: int64 [B, L].
+
+    Returns:
+        int64 [B, L] with -100 in the last column.
+    """
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+class LMLoss(nn.Module):
+    """A causal LM whose forward ends in `chunked_distill_loss` on its final hidden states and output head.
+
+    Whatever wraps it (DDP, FSDP) thus wraps every use of the parameters: under FSDP the output head is whole only
+    inside this forward.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, **loss_options: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, ce, kd) of `chunked_distill_loss` for ids [B, L] and labels [B, L], given its keyword options."""
+        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
+        return chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)

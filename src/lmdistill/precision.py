@@ -1,0 +1,45 @@
+"""The precision policy: bf16 autocast where bf16 products are fast, fp32 elsewhere, and a record of the choice."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+
+def fast_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether bf16 matrix products are fast here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX.
+
+    Without those instructions (AVX2-only CPUs) PyTorch emulates bf16 products, measured 10-100x slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(device: torch.device, precision: str) -> tuple[str, str]:
+    """The precision a setting ("auto", "bf16" or "fp32") runs in on `device`, "bf16" or "fp32", and why.
+
+    "auto" is bf16 where bf16 products are fast (see `fast_bf16`), else fp32. Runs record both in environment.json:
+    results differ between machines with and without native bf16.
+    """
+    if precision != "auto":
+        return precision, f"set to {precision}"
+    fast = fast_bf16(device)
+    if device.type == "cuda":
+        return ("bf16", "auto: CUDA GPU with bf16") if fast else ("fp32", "auto: CUDA GPU without bf16")
+    if fast:
+        return "bf16", "auto: CPU with AVX512-BF16/AMX"
+    return "fp32", "auto: CPU without AVX512-BF16/AMX, bf16 would be emulated"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the setting `precision` resolves to bf16 (see `resolve_precision`), else nothing."""
+    if resolve_precision(device, precision)[0] == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
