@@ -6,6 +6,14 @@ go unnoticed.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
@@ -98,3 +106,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--integration", action="store_true", help="also run the integration tier (torchrun, whole studies); CI does"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `integration` unless --integration is given."""
+    if config.getoption("--integration"):
+        return
+    skip = pytest.mark.skip(reason="integration tier (torchrun, whole studies): pass --integration, as .ci/run does")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+def torchrun(*args, processes: int = 2, timeout: float = 300) -> None:
+    """`lmdistill ARGS` in `processes` gloo processes under torchrun, one thread each; fails with its stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "lmdistill.cli", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as done:
+        try:
+            _, stderr = done.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)  # the workers too (a hung collective), not only torchrun
+            raise
+    assert done.returncode == 0, stderr[-3000:]
+
+
+@contextmanager
+def lmdistill_cache(path: Path) -> Iterator[Path]:
+    """Point LMDISTILL_CACHE at `path` for the block (module-scoped fixtures cannot take `monkeypatch`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMDISTILL_CACHE", str(path))
+        yield path

@@ -275,6 +275,7 @@ def test_rationale_word_share_by_hand():
 # ---------------------------------------------------------------------------------------------------- the study
 
 
+@pytest.mark.integration
 def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
     out = tiny_study
     results = json.loads((out / "results.json").read_text())
@@ -326,6 +327,7 @@ def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
     assert yaml.safe_load((out / "study_config.yaml").read_text())["saliency_ks"] == [1, 2]
 
 
+@pytest.mark.integration
 def test_resume_retrains_nothing_and_grown_seeds_run_only_the_new_runs(tiny_study, ws, monkeypatch, capsys):
     trained, evaluated = [], []
     real_train, real_eval = study_module.run_rationale_train, study_module.run_rationale_eval
@@ -372,6 +374,7 @@ def cli_error(capsys, *args) -> str:
     return err.splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_a_study_is_not_overwritten_nor_resumed_with_other_settings(tiny_study, ws, capsys):
     base = ["rationales", "study", "--config", ws / "study.yaml", "--out", tiny_study, "--no-progress"]
     assert "already holds a study; pass --resume" in cli_error(capsys, *base)
@@ -403,6 +406,7 @@ def test_rationales_eval_of_a_teacher_spec(ws, tmp_path, monkeypatch, capsys):
     assert results["model_name"] == str(ws / "teacher")
 
 
+@pytest.mark.integration
 def test_gsm_symbolic_has_a_gold_arm_and_no_step_by_step(ws, tmp_path):
     pytest.importorskip("reasoning_gym")
     args = ["rationales", "study", "--teacher", ws / "teacher", "--student", ws / "student", "--tasks",

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import save_tiny_teacher
+from conftest import save_tiny_teacher, torchrun
 from transformers import AutoModelForCausalLM
 
 from lmdistill.cli import main
@@ -257,6 +253,7 @@ def test_a_gpt2_student_is_refused_a_max_len_beyond_its_positions(ws):
         run_rationale_train(config(ws, "gpt2", student=str(gpt2), max_len=65))
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_with_the_same_global_batch(ws):
     """torchrun, 2 gloo processes x 2 examples = 1 process x 4: the per-term counts are global."""
     run_rationale_train(config(ws, "ddp-1", batch_size=4, max_steps=3))
@@ -264,16 +261,7 @@ def test_two_processes_match_one_with_the_same_global_batch(ws):
             "--rationales", ws / "rationales.jsonl", "--max-steps", 3, "--batch-size", 2, "--lr", 3e-3,
             "--warmup-steps", 1, "--precision", "fp32", "--no-progress", "--log-every", 1, "--val-fraction", 0.2,
             "--out", ws / "ddp-2"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "lmdistill.cli", *map(str, args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as done:
-        try:
-            _, stderr = done.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(done.pid, signal.SIGKILL)
-            raise
-    assert done.returncode == 0, stderr[-3000:]
+    torchrun(*args)
     for a, b in zip(metrics(ws / "ddp-1"), metrics(ws / "ddp-2"), strict=True):
         assert a.keys() == b.keys()
         for key in {"loss", "label", "rationale", "tokens", "val_loss"} & a.keys():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_teacher, write_corpus
+from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
 from lmdistill.commands.study import collect_results, run_dir, student_dir, write_results
@@ -45,25 +44,21 @@ TINY_STUDY = {
 def study(tmp_path_factory):
     """A tiny study run once through the CLI: its directory, config file and printed output."""
     root = tmp_path_factory.mktemp("study")
-    previous = os.environ.get("LMDISTILL_CACHE")
-    os.environ["LMDISTILL_CACHE"] = str(root / "cache")
-    corpus = str(write_corpus(root / "c"))
-    # a teacher trained on the corpus, so that it is better than the `random` arm and the gap closed is defined
-    teacher = TrainConfig(student=str(save_tiny_teacher(root / "teacher")), out=str(root / "teacher-run"),
-                          data=[corpus], seq_len=16, batch_size=8, max_steps=40, lr=1e-2, warmup_steps=2,
-                          precision="fp32", progress=False, eval_tokens=64, val_fraction=0.2)  # fmt: skip
-    settings = dict(TINY_STUDY, teacher=run_train(teacher)["final"], data=[corpus])
-    config_file = root / "study.yaml"
-    config_file.write_text(yaml.safe_dump(settings))
-    out = root / "out"
-    code = main(["study", "--config", str(config_file), "--out", str(out), "--no-progress"])
-    yield out, config_file, code
-    if previous is None:
-        del os.environ["LMDISTILL_CACHE"]
-    else:
-        os.environ["LMDISTILL_CACHE"] = previous
+    with lmdistill_cache(root / "cache"):
+        corpus = str(write_corpus(root / "c"))
+        # a teacher trained on the corpus, so that it is better than the `random` arm and the gap closed is defined
+        teacher = TrainConfig(student=str(save_tiny_teacher(root / "teacher")), out=str(root / "teacher-run"),
+                              data=[corpus], seq_len=16, batch_size=8, max_steps=40, lr=1e-2, warmup_steps=2,
+                              precision="fp32", progress=False, eval_tokens=64, val_fraction=0.2)  # fmt: skip
+        settings = dict(TINY_STUDY, teacher=run_train(teacher)["final"], data=[corpus])
+        config_file = root / "study.yaml"
+        config_file.write_text(yaml.safe_dump(settings))
+        out = root / "out"
+        code = main(["study", "--config", str(config_file), "--out", str(out), "--no-progress"])
+        yield out, config_file, code
 
 
+@pytest.mark.integration
 def test_tiny_study_writes_every_output_with_the_documented_keys(study):
     out, _, code = study
     assert code == 0
@@ -90,6 +85,7 @@ def test_tiny_study_writes_every_output_with_the_documented_keys(study):
     assert f"{results['teacher']['val_loss']:.3f}" in report
 
 
+@pytest.mark.integration
 def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
     out, config_file, _ = study
     finished = run_dir(out, "random", 0) / "summary.json"
@@ -110,6 +106,7 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
             assert new["val_loss"] == old["val_loss"], name  # the rerun from scratch is deterministic too
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_study(study):
     out, config_file, _ = study
     with pytest.raises(LmdistillError, match="different train_tokens"):
@@ -192,6 +189,7 @@ def test_invalid_study_configs_are_refused_with_the_option_named(overrides, mess
         StudyConfig(out="x", **overrides)
 
 
+@pytest.mark.integration
 def test_the_precision_the_runs_used_is_recorded_and_reported(study):
     out, _, _ = study
     results = json.loads((out / "results.json").read_text())

@@ -9,16 +9,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_teacher, write_corpus
+from conftest import lmdistill_cache, save_tiny_teacher, torchrun, write_corpus
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -59,13 +56,8 @@ def workspace(tmp_path_factory):
         == 0
     )
     write_corpus(root / "corpus")
-    previous = os.environ.get("LMDISTILL_CACHE")
-    os.environ["LMDISTILL_CACHE"] = str(root / "cache")
-    yield root
-    if previous is None:
-        del os.environ["LMDISTILL_CACHE"]
-    else:
-        os.environ["LMDISTILL_CACHE"] = previous
+    with lmdistill_cache(root / "cache"):
+        yield root
 
 
 def config(ws: Path, out: str, **overrides) -> TrainConfig:
@@ -521,21 +513,12 @@ def test_train_cli_writes_every_artifact(workspace, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 5
 
 
-def torchrun(ws: Path, out: str, *flags: str) -> None:
+def train_in_two_processes(ws: Path, out: str, *flags: str) -> None:
     """`lmdistill train` in 2 gloo processes with the settings of `config` but the batch size; `flags` override."""
-    args = ["--student", ws / "student", "--data", ws / "corpus", "--seq-len", 16, "--lr", 3e-3,
+    args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 16, "--lr", 3e-3,
             "--warmup-steps", 1, "--precision", "fp32", "--eval-tokens", 64, "--val-fraction", 0.2, "--no-progress",
             "--out", ws / out, *flags]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "lmdistill.cli", "train", *map(str, args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as done:
-        try:
-            _, stderr = done.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(done.pid, signal.SIGKILL)  # the workers too (a hung collective), not only torchrun
-            raise
-    assert done.returncode == 0, stderr[-3000:]
+    torchrun(*args)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -558,21 +541,23 @@ def assert_same_training(a: Path, b: Path) -> None:
         assert torch.linalg.norm(b_weights[name] - value) <= 1e-5 * torch.linalg.norm(value), name
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_with_the_same_global_batch(workspace):
     run_train(config(workspace, "ddp-1", batch_size=4, max_steps=3))
-    torchrun(workspace, "ddp-2", "--batch-size", "2", "--max-steps", "3")
+    train_in_two_processes(workspace, "ddp-2", "--batch-size", "2", "--max-steps", "3")
     a, b = weights(workspace / "ddp-1" / "final"), weights(workspace / "ddp-2" / "final")
     for name in a:  # element-wise holds here (largest difference 1.2e-7); see `assert_same_training` for the KD run
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_a_checkpoint_of_one_process_resumes_in_two_with_the_same_global_batch(workspace):
     if not (workspace / "ddp-1" / "final").exists():
         run_train(config(workspace, "ddp-1", batch_size=4, max_steps=3))
     for out in ("ddp-1-then-1", "ddp-1-then-2"):
         shutil.copytree(workspace / "ddp-1" / "checkpoints", workspace / out / "checkpoints")
     run_train(config(workspace, "ddp-1-then-1", batch_size=4, max_steps=4, resume=True))
-    torchrun(workspace, "ddp-1-then-2", "--batch-size", "2", "--max-steps", "4", "--resume")
+    train_in_two_processes(workspace, "ddp-1-then-2", "--batch-size", "2", "--max-steps", "4", "--resume")
     a, b = weights(workspace / "ddp-1-then-1" / "final"), weights(workspace / "ddp-1-then-2" / "final")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
@@ -594,10 +579,11 @@ def fsdp_runs(workspace):
     run_train(config(workspace, "fsdp-1", **fsdp_settings(workspace, batch_size=4)))
     settings = fsdp_settings(workspace, batch_size=1, grad_accum=2, fsdp=True)
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
-    torchrun(workspace, "fsdp-2", *flags)
+    train_in_two_processes(workspace, "fsdp-2", *flags)
     return workspace, flags
 
 
+@pytest.mark.integration
 def test_fsdp_two_processes_match_one_and_write_whole_weights(fsdp_runs):
     ws, _ = fsdp_runs
     # 2 processes accumulate 2 micro-batches each and reduce-scatter the sums, where 1 process sums one batch.
@@ -622,16 +608,18 @@ def crashed_after_step_2(ws: Path, out: str) -> None:
     (run / "checkpoints" / "latest").write_text("step-000002\n")
 
 
+@pytest.mark.integration
 def test_fsdp_resume_continues_to_the_uninterrupted_result_bit_for_bit(fsdp_runs):
     ws, flags = fsdp_runs
     crashed_after_step_2(ws, "fsdp-resumed")
-    torchrun(ws, "fsdp-resumed", *flags, "--resume")
+    train_in_two_processes(ws, "fsdp-resumed", *flags, "--resume")
     a, b = weights(ws / "fsdp-2" / "final"), weights(ws / "fsdp-resumed" / "final")
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert metrics(ws / "fsdp-resumed") == metrics(ws / "fsdp-2")
 
 
+@pytest.mark.integration
 def test_an_fsdp_checkpoint_resumes_in_one_process(fsdp_runs):
     ws, _ = fsdp_runs
     crashed_after_step_2(ws, "fsdp-then-1")
