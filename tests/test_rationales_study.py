@@ -17,6 +17,7 @@ from lmdistill.cli import main
 from lmdistill.commands import rationales_eval as evaluate_module
 from lmdistill.commands import rationales_study as study_module
 from lmdistill.commands.rationales_extract import run_extract
+from lmdistill.commands.rationales_report import task_table, write_plot
 from lmdistill.commands.rationales_study import (
     check_study_resumable,
     rationale_file,
@@ -26,7 +27,13 @@ from lmdistill.commands.rationales_study import (
     word_in,
 )
 from lmdistill.commands.study import check_resumable
-from lmdistill.config import RationaleExtractConfig, RationaleStudyConfig, StudyConfig, load_yaml
+from lmdistill.config import (
+    RATIONALE_STUDY_ARMS,
+    RationaleExtractConfig,
+    RationaleStudyConfig,
+    StudyConfig,
+    load_yaml,
+)
 from lmdistill.errors import LmdistillError
 from lmdistill.rationales.records import read_records, write_first_words
 from lmdistill.rationales.tasks import SHARED_DATA_ENV, Example, load_task
@@ -270,6 +277,20 @@ def test_rationale_word_share_by_hand():
     assert rationale_word_share(records[:1], examples) == pytest.approx(2 / 5)
     assert rationale_word_share([], examples) is None
     assert word_in("84", "( 84.0 / 2.0 )") and not word_in("8", "( 84.0 / 2.0 )") and not word_in("4.0", "84.0")
+
+
+def test_every_arm_kind_has_a_description_in_the_report_and_a_line_in_the_plot(tmp_path):
+    def arm(k: int | None) -> dict:
+        return {"k": k, "accuracy_mean": 0.5, "accuracy_std": 0.1, "per_seed": [{"accuracy": 0.5}], "seeds": [0, 1]}
+
+    arms = {name: arm(None) for name in RATIONALE_STUDY_ARMS if name != "saliency"}
+    task = {"arms": {**arms, "saliency-k3": arm(3)}, "teacher": None, "teacher_accuracy": 0.8}
+    table = task_table(task)
+    for name, kind in RATIONALE_STUDY_ARMS.items():
+        assert kind.description and kind.description.format(k=3) in table
+        assert (kind.style is None) == (name == "saliency")  # the saliency arms are drawn against k
+    write_plot({"tasks": {"svamp": task}}, tmp_path / "accuracy_vs_k.png")
+    assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------------- the study

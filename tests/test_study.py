@@ -13,6 +13,7 @@ from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
 from lmdistill.commands.study import collect_results, run_dir, student_dir, write_results
+from lmdistill.commands.study_report import headline_table
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.train.loop import run_train
@@ -149,6 +150,17 @@ def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_p
     e = math.exp
     assert arms["guide"]["per_seed"][0]["gap_closed_ppl"] == pytest.approx((e(5) - e(4)) / (e(5) - e(3)))
     assert arms["random"]["gap_closed_loss"] == 0.0 and arms["random"]["gap_closed_loss_std"] == 0.0
+
+
+def test_every_arm_has_its_description_in_the_report_table():
+    arm = {"seeds": [0], "per_seed": [{"seed": 0, "val_loss": 5.0}], "val_loss": 5.0, "val_loss_std": None,
+           "val_ppl": 148.4, "val_ppl_std": None, "gap_closed_loss": 0.5, "gap_closed_loss_std": None,
+           "gap_closed_ppl": 0.5, "gap_closed_ppl_std": None, "step0_val_loss": 9.0, "tokens": 256,
+           "seconds": 6.0}  # fmt: skip
+    teacher = {"name": "t", "parameters": 1e6, "val_loss": 3.0, "val_ppl": 20.1}
+    rows = headline_table({"arms": dict.fromkeys(STUDY_ARMS, arm), "teacher": teacher}).splitlines()[2:-1]
+    assert all(arm.description for arm in STUDY_ARMS.values())
+    assert [row.split(" | ")[1] for row in rows] == [arm.description for arm in STUDY_ARMS.values()]
 
 
 def test_report_only_reports_the_finished_runs_of_an_unfinished_study(tmp_path):

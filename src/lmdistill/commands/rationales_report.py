@@ -13,21 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmdistill.commands.study_report import plus_minus, precision_text  # noqa: E402
+from lmdistill.config import RATIONALE_STUDY_ARMS  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic"}
-ARM_DESCRIPTIONS = {
-    "finetune": "none: fine-tuning on labels",
-    "saliency": "the teacher's top-{k} saliency words",
-    "step-by-step": "the 540B model's chain of thought (Distilling step-by-step)",
-    "gold": "the data's own rationales",
-}
-LINE_STYLES = {"finetune": ":", "step-by-step": "-.", "gold": (0, (5, 2, 1, 2))}
 
 
 def _describe(name: str, arm: dict[str, Any]) -> str:
     if arm["k"] is not None:
-        return ARM_DESCRIPTIONS["saliency"].format(k=arm["k"])
-    return ARM_DESCRIPTIONS[name]
+        return RATIONALE_STUDY_ARMS["saliency"].description.format(k=arm["k"])
+    return RATIONALE_STUDY_ARMS[name].description
 
 
 def _percent(value: float | None) -> str:
@@ -141,11 +135,12 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             errors = [math.nan if arm["accuracy_std"] is None else 100 * arm["accuracy_std"] for _, arm in saliency]
             ax.errorbar(ks, means, yerr=errors, marker="o", capsize=4, color=colors(0), label="saliency rationales")
             ax.set_xticks(ks)
-        for i, arm_name in enumerate(("finetune", "step-by-step", "gold"), start=1):
+        lines = [(name, kind.style) for name, kind in RATIONALE_STUDY_ARMS.items() if kind.style is not None]
+        for i, (arm_name, style) in enumerate(lines, start=1):
             if arm_name in task["arms"]:
                 arm = task["arms"][arm_name]
                 value = 100 * arm["accuracy_mean"]
-                ax.axhline(value, color=colors(i), linestyle=LINE_STYLES[arm_name], label=f"{arm_name} ({value:.1f})")
+                ax.axhline(value, color=colors(i), linestyle=style, label=f"{arm_name} ({value:.1f})")
                 if arm["accuracy_std"]:  # the spread over seeds as a band
                     std = 100 * arm["accuracy_std"]
                     ax.axhspan(value - std, value + std, color=colors(i), alpha=0.08)

@@ -10,20 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmdistill.config import STUDY_ARMS  # noqa: E402
+
 DEFAULT_CORPUS = (
     "the built-in offline corpus (Wikipedia sample, Shakespeare, King James Bible; held out: Wikipedia articles)"
 )
-ARM_DESCRIPTIONS = {
-    "random": "random init, cross-entropy",
-    "weight-selection": "weight selection (Xu et al.), cross-entropy",
-    "guide": "GUIDE (PCA embeddings + block 1), cross-entropy",
-    "kd": "random init, distillation",
-    "guide+kd": "GUIDE init, distillation",
-    "guide-all": "GUIDE folded into every block, cross-entropy",
-    "guide-centered": "GUIDE with centered PCA, cross-entropy",
-    "guide-random-projection": "GUIDE with a random orthonormal projection, cross-entropy",
-    "weight-selection+kd": "weight selection, distillation",
-}
 
 
 def plus_minus(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -73,7 +64,7 @@ def headline_table(results: dict[str, Any]) -> str:
     ]
     for name, arm in results["arms"].items():
         rows.append(
-            f"| `{name}` | {ARM_DESCRIPTIONS[name]} | {len(arm['seeds'])} "
+            f"| `{name}` | {STUDY_ARMS[name].description} | {len(arm['seeds'])} "
             f"| {plus_minus(arm['val_loss'], arm['val_loss_std'])} "
             f"| {plus_minus(arm['val_ppl'], arm['val_ppl_std'], digits=1)} "
             f"| {plus_minus(arm['gap_closed_loss'], arm['gap_closed_loss_std'], 100, 1)}"
