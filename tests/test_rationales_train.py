@@ -206,6 +206,7 @@ def test_the_step_normalizes_by_the_step_s_token_counts(ws):
     assert list(options["num_items"]) == expected and options["weights"] == (1.0, 1.0)
     ids, labels, extras = data.batch(indices, torch.device("cpu"))
     assert ids.shape[0] == 8 and int((labels != -100).sum()) == sum(expected)
+    assert extras.keys() == {"row_terms"} and data.teacher_targets(ids, indices) == {}  # no teacher
     # a label target is the label's words then the end of the sequence
     row = data.train[0][0]
     assert row.ids[-1] == tokenizer.eos_token_id and row.term == LABEL

@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lmdistill import objective
+from lmdistill import distributed, objective
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
+from lmdistill.models.load import load_hf_directory
 from lmdistill.train import checkpoint, loop
 from lmdistill.train.loop import run_train
 
@@ -289,6 +290,45 @@ def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspac
     a, b = weights(workspace / "kd-online" / "final"), weights(workspace / "kd-cached" / "final")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_gives_the_student_s_side_and_teacher_targets_the_teacher_s(workspace):
+    """`PackedTrainData.batch`: ids and their next-token labels; `teacher_targets`: the online teacher's final hidden
+    states and head on those ids, the cached top-k of the blocks, or nothing (CE only)."""
+    student, tokenizer, _ = load_hf_directory(workspace / "student", torch.float32)
+    processes, indices = distributed.Processes(rank=0, world=1, device=torch.device("cpu")), np.array([3, 0, 5])
+
+    def data(**overrides) -> loop.PackedTrainData:
+        return loop.PackedTrainData(config(workspace, "unused", **overrides), student, tokenizer, processes)
+
+    ce = data()
+    ids, labels, inputs = ce.batch(indices, processes.device)
+    assert torch.equal(ids, torch.as_tensor(ce.data.train[indices].astype(np.int64))) and inputs == {}
+    assert torch.equal(labels, objective.shifted_labels(ids)) and ce.teacher_targets(ids, indices) == {}
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher")
+    with torch.no_grad():
+        online = data(loss="kd", teacher=str(workspace / "teacher")).teacher_targets(ids, indices)
+        torch.testing.assert_close(online["teacher_hidden"], teacher.base_model(input_ids=ids).last_hidden_state)
+        top = torch.log_softmax(teacher(input_ids=ids).logits, dim=-1).topk(4, dim=-1)  # [3, 16, 4]
+    assert online.keys() == {"teacher_hidden", "teacher_head"}
+    assert torch.equal(online["teacher_head"], teacher.get_output_embeddings().weight)
+    build_cache(workspace, "cache-targets", top_k=4)
+    cached = data(loss="kd", teacher_cache=str(workspace / "cache-targets")).teacher_targets(ids, indices)
+    assert cached.keys() == {"teacher_ids", "teacher_logprobs"} and torch.equal(cached["teacher_ids"], top.indices)
+    torch.testing.assert_close(cached["teacher_logprobs"], top.values)
+
+
+def test_the_step_asks_for_the_teacher_under_no_grad_for_each_micro_batch(workspace, monkeypatch):
+    real, calls = loop.PackedTrainData.teacher_targets, []
+
+    def spy(self, ids, indices):
+        calls.append((torch.is_grad_enabled(), len(indices)))
+        return real(self, ids, indices)
+
+    monkeypatch.setattr(loop.PackedTrainData, "teacher_targets", spy)
+    run_train(config(workspace, "teacher-no-grad", loss="kd", teacher=str(workspace / "teacher"), batch_size=2,
+                     grad_accum=2, max_steps=2))  # fmt: skip
+    assert calls == [(False, 2)] * 4  # 2 steps x 2 micro-batches of 2 blocks
 
 
 def test_a_cache_of_the_blocks_a_run_reads_serves_that_run_and_refuses_a_longer_one(workspace):

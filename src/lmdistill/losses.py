@@ -15,7 +15,10 @@ Conventions shared by every public function:
   ``τ² · KL`` with respect to the student logits ``s`` at one position is ``τ · (softmax(s/τ) - softmax(t/τ))``.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -498,6 +501,55 @@ def sparse_kd_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Teacher:
+    """The teacher at the N valid positions: dense (hidden states and head) or sparse (top-k), or nothing (CE only)."""
+
+    hidden: Tensor | None = None  # [N, d_T], with head
+    head: Tensor | None = None  # [V, d_T]
+    ids: Tensor | None = None  # [N, K], with logprobs
+    logprobs: Tensor | None = None  # [N, K]
+
+    @classmethod
+    def at(
+        cls,
+        flat: Tensor,
+        hidden: Tensor | None,
+        head: Tensor | None,
+        ids: Tensor | None,
+        logprobs: Tensor | None,
+    ) -> _Teacher:
+        """The teacher tensors ``[B, T, ...]`` of `chunked_distill_loss` at the positions where `flat` ``[B·T]`` is
+        True, detached (constants)."""
+        if hidden is not None:
+            return cls(hidden=hidden.detach().reshape(-1, hidden.shape[-1])[flat], head=head.detach())
+        if ids is not None:
+            k = ids.shape[-1]
+            return cls(ids=ids.reshape(-1, k)[flat], logprobs=logprobs.detach().reshape(-1, k)[flat])
+        return cls()
+
+    def rows(self, rows: slice) -> _Teacher:
+        """The teacher at the positions `rows` of its N (the head is shared)."""
+        return _Teacher(
+            hidden=None if self.hidden is None else self.hidden[rows],
+            head=self.head,
+            ids=None if self.ids is None else self.ids[rows],
+            logprobs=None if self.logprobs is None else self.logprobs[rows],
+        )
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The settings of `chunked_distill_loss` every chunk shares."""
+
+    kind: str
+    temperature: float
+    beta: float
+    alpha: float
+    kd_weight: float
+    chunk_size: int
+
+
 def _mix(ce: Tensor, kd: Tensor, kd_weight: float) -> Tensor:
     """(1 - w)·ce + w·kd, taking a zero-weighted term out rather than multiplying it by 0 (no 0·inf)."""
     if kd_weight == 0.0:
@@ -511,16 +563,16 @@ def _chunk(
     h: Tensor,
     head: Tensor,
     targets: Tensor,
-    teacher: tuple,
-    options: tuple,
+    teacher: _Teacher,
+    options: _Options,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk of n valid positions -> (CE sum, KD sum, d(mix)/d(logits) [n, V] in the logits' dtype, or None).
 
     The [n, V] logits (and the teacher's) live only inside this call. At kd_weight 0 the KD term is not computed.
     """
-    t_hidden, t_head, t_ids, t_logprobs = teacher
-    kind, temperature, beta, alpha, kd_weight, _ = options
+    kind, temperature, beta, alpha = options.kind, options.temperature, options.beta, options.alpha
+    kd_weight = options.kd_weight
     logits = F.linear(h, head.detach().to(h.dtype))  # [n, V]
     x = _upcast(logits)  # [n, V] float32: the logits themselves when they already are
     log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [n, 1], shared by CE and, at τ = 1, the sparse KD
@@ -532,16 +584,16 @@ def _chunk(
             torch.zeros((), dtype=ce.dtype, device=ce.device),
             None if d_logits is None else d_logits.to(logits.dtype),
         )
-    if t_ids is not None:
+    if teacher.ids is not None:
         if not with_grad:
-            return ce, _sparse_kd_sum(logits, t_ids, t_logprobs, kind, temperature, beta, alpha), None
+            return ce, _sparse_kd_sum(logits, teacher.ids, teacher.logprobs, kind, temperature, beta, alpha), None
         if temperature != 1.0:
             x = x / temperature
             log_z = torch.logsumexp(x, dim=-1, keepdim=True)
         # x is not read again: the KD softmax overwrites it (and the float32 logits it may be)
-        kd, d_kd = _sparse_kd_with_grad(x, log_z, t_ids, t_logprobs, kind, temperature, beta, alpha)
+        kd, d_kd = _sparse_kd_with_grad(x, log_z, teacher.ids, teacher.logprobs, kind, temperature, beta, alpha)
     else:
-        teacher_logits = F.linear(t_hidden, t_head.to(t_hidden.dtype))  # [n, V]
+        teacher_logits = F.linear(teacher.hidden, teacher.head.to(teacher.hidden.dtype))  # [n, V]
         if not with_grad:
             return ce, _dense_kd_sum(logits, teacher_logits, kind, temperature, beta, alpha), None
         kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
@@ -550,10 +602,9 @@ def _chunk(
 
 
 def _chunked(
-    hidden: Tensor, head: Tensor, targets: Tensor, teacher: tuple, options: tuple, with_grad: bool
+    hidden: Tensor, head: Tensor, targets: Tensor, teacher: _Teacher, options: _Options, with_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """CE and KD sums over [N, d] valid positions, chunk by chunk, with dL/dhidden [N, d] and dL/dhead [V, d]."""
-    t_hidden, t_head, t_ids, t_logprobs = teacher
     grad_hidden = grad_head = None
     if with_grad:
         accumulate = torch.promote_types(head.dtype, torch.float32)  # bf16 heads accumulate in float32
@@ -561,17 +612,10 @@ def _chunked(
         grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device)  # [V, d_S]
     ce_parts, kd_parts = [], []
     # One empty chunk when nothing is valid, so the zero loss still has a graph.
-    chunk_size = options[-1]
-    for start in range(0, max(hidden.shape[0], 1), chunk_size):
-        rows = slice(start, start + chunk_size)
+    for start in range(0, max(hidden.shape[0], 1), options.chunk_size):
+        rows = slice(start, start + options.chunk_size)
         h = hidden[rows].detach()  # [n, d_S]
-        chunk_teacher = (
-            None if t_hidden is None else t_hidden[rows],
-            t_head,
-            None if t_ids is None else t_ids[rows],
-            None if t_logprobs is None else t_logprobs[rows],
-        )
-        ce, kd, d_logits = _chunk(h, head, targets[rows], chunk_teacher, options, with_grad)
+        ce, kd, d_logits = _chunk(h, head, targets[rows], teacher.rows(rows), options, with_grad)
         if with_grad:
             grad_hidden[rows] = (d_logits @ head.to(d_logits.dtype)).to(hidden.dtype)
             grad_head += (d_logits.T @ h.to(d_logits.dtype)).to(grad_head.dtype)
@@ -596,19 +640,79 @@ class _FusedChunks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, head, targets, t_hidden, t_head, t_ids, t_logprobs, kind, temperature, beta, alpha,
-                kd_weight, chunk_size):  # fmt: skip
-        teacher = (t_hidden, t_head, t_ids, t_logprobs)
-        options = (kind, temperature, beta, alpha, kd_weight, chunk_size)
+    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, teacher: _Teacher, options: _Options):
         ce_sum, kd_sum, grad_hidden, grad_head = _chunked(hidden, head, targets, teacher, options, with_grad=True)
         ctx.save_for_backward(grad_hidden, grad_head.to(head.dtype))
         ctx.mark_non_differentiable(ce_sum, kd_sum)
-        return _mix(ce_sum, kd_sum, kd_weight).clone(), ce_sum, kd_sum
+        return _mix(ce_sum, kd_sum, options.kd_weight).clone(), ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_weighted, _grad_ce, _grad_kd):
         grad_hidden, grad_head = ctx.saved_tensors
-        return (grad_weighted * grad_hidden, grad_weighted * grad_head) + (None,) * 11
+        # One gradient per input of forward: hidden and head; targets, teacher and options are constants (None).
+        return grad_weighted * grad_hidden, grad_weighted * grad_head, None, None, None
+
+
+def _check_chunked_tensors(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Tensor | None,
+    teacher_ids: Tensor | None,
+    teacher_logprobs: Tensor | None,
+) -> bool:
+    """Refuse tensors of `chunked_distill_loss` that do not fit together; return whether a teacher was passed."""
+    if student_hidden.dim() < 2 or tuple(labels.shape) != tuple(student_hidden.shape[:-1]):
+        raise LmdistillError(
+            f"labels shape {tuple(labels.shape)} does not match student_hidden shape {tuple(student_hidden.shape)} "
+            f"(expected student_hidden [B, T, d_S] and labels [B, T])"
+        )
+    d_s = student_hidden.shape[-1]
+    if student_head.dim() != 2 or student_head.shape[1] != d_s:
+        raise LmdistillError(
+            f"student_head shape {tuple(student_head.shape)} does not match student_hidden shape "
+            f"{tuple(student_hidden.shape)} (expected [V, {d_s}])"
+        )
+    vocab = student_head.shape[0]
+    dense = teacher_hidden is not None or teacher_head is not None
+    sparse = teacher_ids is not None or teacher_logprobs is not None
+    if dense and sparse:
+        raise LmdistillError("pass either teacher_hidden/teacher_head or teacher_ids/teacher_logprobs, not both")
+    if dense:
+        if teacher_hidden is None or teacher_head is None:
+            raise LmdistillError("teacher_hidden and teacher_head must be passed together")
+        if teacher_hidden.dim() < 2 or tuple(teacher_hidden.shape[:-1]) != tuple(labels.shape):
+            raise LmdistillError(
+                f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match labels shape "
+                f"{tuple(labels.shape)} (expected {tuple(labels.shape) + ('d_T',)})"
+            )
+        if tuple(teacher_head.shape) != (vocab, teacher_hidden.shape[-1]):
+            raise LmdistillError(
+                f"teacher_head shape {tuple(teacher_head.shape)} does not match teacher_hidden shape "
+                f"{tuple(teacher_hidden.shape)} and student vocab size {vocab} "
+                f"(expected {(vocab, teacher_hidden.shape[-1])})"
+            )
+    if sparse:
+        if teacher_ids is None or teacher_logprobs is None:
+            raise LmdistillError("teacher_ids and teacher_logprobs must be passed together")
+        _check_sparse_teacher(teacher_ids, teacher_logprobs, labels, vocab)
+    return dense or sparse
+
+
+def _check_chunked_options(options: _Options, with_teacher: bool, num_items: int | Tensor | None) -> None:
+    """Refuse settings of `chunked_distill_loss` outside their ranges, or a KD weight without a teacher."""
+    kd_weight = options.kd_weight
+    if not 0.0 <= kd_weight <= 1.0:
+        raise LmdistillError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    if not with_teacher and kd_weight != 0.0:
+        raise LmdistillError(f"kd_weight is {kd_weight} but no teacher was passed (CE-only needs kd_weight=0)")
+    chunk_size = options.chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise LmdistillError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_divergence_args(options.kind, options.beta, options.alpha)
+    _check_temperature(options.temperature)
+    _check_num_items(num_items)
 
 
 def chunked_distill_loss(
@@ -660,67 +764,19 @@ def chunked_distill_loss(
         ``(total, ce, kd)`` scalars, each normalized by ``num_items``; ``kd`` is 0 without a teacher or at
         ``kd_weight`` 0 (the term is not computed).
     """
-    if student_hidden.dim() < 2 or tuple(labels.shape) != tuple(student_hidden.shape[:-1]):
-        raise LmdistillError(
-            f"labels shape {tuple(labels.shape)} does not match student_hidden shape {tuple(student_hidden.shape)} "
-            f"(expected student_hidden [B, T, d_S] and labels [B, T])"
-        )
-    d_s = student_hidden.shape[-1]
-    if student_head.dim() != 2 or student_head.shape[1] != d_s:
-        raise LmdistillError(
-            f"student_head shape {tuple(student_head.shape)} does not match student_hidden shape "
-            f"{tuple(student_hidden.shape)} (expected [V, {d_s}])"
-        )
-    vocab = student_head.shape[0]
-    dense = teacher_hidden is not None or teacher_head is not None
-    sparse = teacher_ids is not None or teacher_logprobs is not None
-    if dense and sparse:
-        raise LmdistillError("pass either teacher_hidden/teacher_head or teacher_ids/teacher_logprobs, not both")
-    if dense:
-        if teacher_hidden is None or teacher_head is None:
-            raise LmdistillError("teacher_hidden and teacher_head must be passed together")
-        if teacher_hidden.dim() < 2 or tuple(teacher_hidden.shape[:-1]) != tuple(labels.shape):
-            raise LmdistillError(
-                f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match labels shape "
-                f"{tuple(labels.shape)} (expected {tuple(labels.shape) + ('d_T',)})"
-            )
-        if tuple(teacher_head.shape) != (vocab, teacher_hidden.shape[-1]):
-            raise LmdistillError(
-                f"teacher_head shape {tuple(teacher_head.shape)} does not match teacher_hidden shape "
-                f"{tuple(teacher_hidden.shape)} and student vocab size {vocab} "
-                f"(expected {(vocab, teacher_hidden.shape[-1])})"
-            )
-    if sparse:
-        if teacher_ids is None or teacher_logprobs is None:
-            raise LmdistillError("teacher_ids and teacher_logprobs must be passed together")
-        _check_sparse_teacher(teacher_ids, teacher_logprobs, labels, vocab)
-    if not 0.0 <= kd_weight <= 1.0:
-        raise LmdistillError(f"kd_weight must be in [0, 1], got {kd_weight}")
-    if not (dense or sparse) and kd_weight != 0.0:
-        raise LmdistillError(f"kd_weight is {kd_weight} but no teacher was passed (CE-only needs kd_weight=0)")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise LmdistillError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check_divergence_args(kind, beta, alpha)
-    _check_temperature(temperature)
-    _check_num_items(num_items)
+    with_teacher = _check_chunked_tensors(
+        student_hidden, student_head, labels, teacher_hidden, teacher_head, teacher_ids, teacher_logprobs
+    )
+    options = _Options(kind, temperature, beta, alpha, kd_weight, chunk_size)
+    _check_chunked_options(options, with_teacher, num_items)
 
     valid = labels != ignore_index  # [B, T]
     flat = valid.reshape(-1)
-    hidden = student_hidden.reshape(-1, d_s)[flat]  # [N, d_S]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])[flat]  # [N, d_S]
     targets = labels.reshape(-1)[flat]  # [N]
-    t_hidden = t_head = t_ids = t_logprobs = None
-    if dense:
-        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[flat]  # [N, d_T]
-        t_head = teacher_head.detach()
-    if sparse:
-        k = teacher_ids.shape[-1]
-        t_ids = teacher_ids.reshape(-1, k)[flat]  # [N, K]
-        t_logprobs = teacher_logprobs.detach().reshape(-1, k)[flat]  # [N, K]
-
-    teacher = (t_hidden, t_head, t_ids, t_logprobs)
-    options = (kind, temperature, beta, alpha, kd_weight, chunk_size)
+    teacher = _Teacher.at(flat, teacher_hidden, teacher_head, teacher_ids, teacher_logprobs)
     if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
-        weighted, ce_sum, kd_sum = _FusedChunks.apply(hidden, student_head, targets, *teacher, *options)
+        weighted, ce_sum, kd_sum = _FusedChunks.apply(hidden, student_head, targets, teacher, options)
     else:
         ce_sum, kd_sum, _, _ = _chunked(hidden, student_head, targets, teacher, options, with_grad=False)
         weighted = _mix(ce_sum, kd_sum, kd_weight)

@@ -37,6 +37,16 @@ class LMLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, **loss_options: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, ce, kd) of `chunked_distill_loss` for ids [B, L] and labels [B, L], given its keyword options."""
+        """The student's forward pass and its loss: (total, ce, kd) of `chunked_distill_loss` on its final hidden
+        states [B, L, d] and output head, for ids [B, L] and labels [B, L].
+
+        Args:
+            input_ids: int64 [B, L].
+            labels: int64 [B, L], aligned (position t predicts labels[t]); -100 where nothing is predicted.
+            loss_options: keyword arguments of `chunked_distill_loss`: the teacher's targets (``teacher_hidden`` and
+                ``teacher_head``, or ``teacher_ids`` and ``teacher_logprobs``; none for CE only) and the loss
+                settings (``kd_weight``, ``kind``, ``temperature``, ``beta``, ``alpha``, ``num_items``,
+                ``chunk_size``).
+        """
         hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
         return chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)

@@ -109,35 +109,13 @@ def write_cache(
     Returns:
         The manifest.
     """
-    vocab = teacher.get_output_embeddings().weight.shape[0]
-    if not 1 <= top_k <= vocab:
-        raise LmdistillError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
-    if tokenizer_fingerprint(tokenizer) != data.manifest["tokenizer_fingerprint"]:
-        raise LmdistillError("the teacher's tokenizer is not the one the data was tokenized with")
-    n_data_blocks, seq_len = data.train.shape
-    blocks = np.arange(n_data_blocks) if blocks is None else np.asarray(blocks, dtype=np.int64)
-    if len(np.unique(blocks)) != len(blocks) or blocks.min(initial=0) < 0 or blocks.max(initial=0) >= n_data_blocks:
-        raise LmdistillError(f"blocks to cache must be distinct training block indices below {n_data_blocks}")
+    blocks = _blocks_to_cache(teacher, tokenizer, data, top_k, blocks)
     existing = check_out(out, resume=resume, overwrite=overwrite)
     planned = {
         f"shard-{first // shard_blocks:06d}.safetensors": blocks[first : first + shard_blocks]
         for first in range(0, len(blocks), shard_blocks)
     }
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "teacher": teacher_name,
-        "teacher_fingerprint": model_fingerprint(teacher),
-        "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
-        "vocab_size": vocab,
-        "data_fingerprint": data.fingerprint,
-        "data_num_blocks": n_data_blocks,
-        "seq_len": seq_len,
-        "top_k": top_k,
-        "temperature": 1.0,
-        "num_blocks": len(blocks),
-        "shards": [{"file": name, "num_blocks": len(indices)} for name, indices in planned.items()],
-    }
+    manifest = _manifest(teacher, teacher_name, data, top_k, planned)
     if existing and resume:
         _check_resumable(out, manifest, planned)
     elif existing:  # overwrite: the manifest goes first, so that no half-deleted cache looks whole
@@ -146,24 +124,12 @@ def write_cache(
     out.mkdir(parents=True, exist_ok=True)
     with staged(out / INCOMPLETE, directory=False) as staging:
         staging.write_text(json.dumps(manifest, indent=2) + "\n")
-    device = next(teacher.parameters()).device
     bar = tqdm(total=len(blocks), unit="block", desc="teacher cache", disable=not progress)
     for name, indices in planned.items():
         if _shard_blocks(out / name) == indices.tolist():  # written by the build this one resumes
             bar.update(len(indices))
             continue
-        ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
-        logprobs = torch.empty(len(indices), seq_len, top_k, dtype=torch.float32)
-        for start in range(0, len(indices), batch_size):
-            rows = slice(start, min(start + batch_size, len(indices)))
-            block = torch.as_tensor(data.train[indices[rows]].astype(np.int64), device=device)
-            with autocast(device, precision):
-                logits = teacher(input_ids=block).logits  # [b, L, V]
-            top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, K]
-            ids[rows], logprobs[rows] = top.indices.int().cpu(), top.values.cpu()
-            bar.update(rows.stop - rows.start)
-        tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)  # [n, L]
-        tensors = {"blocks": torch.as_tensor(indices), "ids": ids, "logprobs": logprobs, "tail": tail}
+        tensors = _shard(teacher, data, indices, top_k=top_k, batch_size=batch_size, precision=precision, bar=bar)
         with staged(out / name, directory=False) as staging:
             save_file(tensors, staging)
     bar.close()
@@ -171,6 +137,72 @@ def write_cache(
         staging.write_text(json.dumps(manifest, indent=2) + "\n")
     (out / INCOMPLETE).unlink()
     return manifest
+
+
+def _blocks_to_cache(
+    teacher: torch.nn.Module, tokenizer: Any, data: PackedData, top_k: int, blocks: np.ndarray | None
+) -> np.ndarray:
+    """The training blocks `write_cache` caches, after refusing a top-k outside the vocabulary, another tokenizer
+    than the data's, or blocks that are not distinct training blocks of the data."""
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if not 1 <= top_k <= vocab:
+        raise LmdistillError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
+    if tokenizer_fingerprint(tokenizer) != data.manifest["tokenizer_fingerprint"]:
+        raise LmdistillError("the teacher's tokenizer is not the one the data was tokenized with")
+    n_data_blocks = data.train.shape[0]
+    blocks = np.arange(n_data_blocks) if blocks is None else np.asarray(blocks, dtype=np.int64)
+    if len(np.unique(blocks)) != len(blocks) or blocks.min(initial=0) < 0 or blocks.max(initial=0) >= n_data_blocks:
+        raise LmdistillError(f"blocks to cache must be distinct training block indices below {n_data_blocks}")
+    return blocks
+
+
+def _manifest(
+    teacher: torch.nn.Module, teacher_name: str, data: PackedData, top_k: int, planned: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """The manifest of a cache of the `planned` shards (file name -> training blocks) of `data` (module docstring)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": teacher_name,
+        "teacher_fingerprint": model_fingerprint(teacher),
+        "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
+        "vocab_size": teacher.get_output_embeddings().weight.shape[0],
+        "data_fingerprint": data.fingerprint,
+        "data_num_blocks": data.train.shape[0],
+        "seq_len": data.train.shape[1],
+        "top_k": top_k,
+        "temperature": 1.0,
+        "num_blocks": sum(len(indices) for indices in planned.values()),
+        "shards": [{"file": name, "num_blocks": len(indices)} for name, indices in planned.items()],
+    }
+
+
+def _shard(
+    teacher: torch.nn.Module,
+    data: PackedData,
+    indices: np.ndarray,
+    *,
+    top_k: int,
+    batch_size: int,
+    precision: str,
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    """The tensors of the shard of training blocks `indices` (see the module docstring), `batch_size` blocks per
+    teacher forward pass; called under `torch.no_grad()`."""
+    device = next(teacher.parameters()).device
+    seq_len = data.train.shape[1]
+    ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
+    logprobs = torch.empty(len(indices), seq_len, top_k, dtype=torch.float32)
+    for start in range(0, len(indices), batch_size):
+        rows = slice(start, min(start + batch_size, len(indices)))
+        block = torch.as_tensor(data.train[indices[rows]].astype(np.int64), device=device)
+        with autocast(device, precision):
+            logits = teacher(input_ids=block).logits  # [b, L, V]
+        top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, K]
+        ids[rows], logprobs[rows] = top.indices.int().cpu(), top.values.cpu()
+        bar.update(rows.stop - rows.start)
+    tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)  # [n, L]
+    return {"blocks": torch.as_tensor(indices), "ids": ids, "logprobs": logprobs, "tail": tail}
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> list[Path]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -223,27 +223,7 @@ def prepare_data(
         )
     vocab_size = vocabulary_size(tokenizer)
     dtype = np.dtype("<u2" if vocab_size <= 1 << 16 else "<u4")
-    if sources is None:
-        source_ids = [default_corpus_identity()]
-        inputs: list[dict[str, Any]] = [{"source": "default corpus", "licenses": LICENSES}]
-        split = {"kind": "corpus", "rule": source_ids[0]["val_rule"]}
-
-        def load() -> list[_Pending]:
-            return [_from_document(doc) for doc in default_corpus(progress)]
-
-    else:
-        pending: list[_Pending] = []
-        source_ids, inputs, seen = [], [], set()
-        for source in sources:
-            docs, identity, given = _resolve(str(source), seen)
-            pending += docs
-            source_ids.append(identity)
-            inputs.append(given)
-        split = {"kind": "document-hash", "val_fraction": val_fraction, "rule": SPLIT_RULE}
-
-        def load() -> list[_Pending]:
-            return pending
-
+    plan = _plan(sources, val_fraction, progress)
     identity = {
         "format_version": FORMAT_VERSION,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -251,23 +231,59 @@ def prepare_data(
         "eos_token_id": tokenizer.eos_token_id,
         "dtype": dtype.name,
         "seq_len": seq_len,
-        "split": split,
-        "sources": source_ids,
+        "split": plan.split,
+        "sources": plan.identities,
     }
     fingerprint = _sha256_json(identity)
     directory = Path(cache).expanduser() if cache is not None else cache_dir() / "data"
     directory = directory / fingerprint[:16]
-    if directory.exists():
-        try:
-            data = open_packed(directory)
-            if data.fingerprint == fingerprint:
-                return data
-            problem = f"its fingerprint {data.fingerprint[:16]} is not {fingerprint[:16]}"
-        except LmdistillError as exc:
-            problem = str(exc)
-        log.warning("prepared data in %s is unusable (%s); preparing it again", directory, problem)
-        _discard(directory)
-    return _build(load, identity, fingerprint, inputs, tokenizer, val_fraction, directory, progress)
+    prepared = _prepared(directory, fingerprint)
+    if prepared is not None:
+        return prepared
+    return _build(plan.load, identity, fingerprint, plan.inputs, tokenizer, val_fraction, directory, progress)
+
+
+class _Plan(NamedTuple):
+    """The documents of the sources, read when `load` is called, and what the manifest says of them."""
+
+    load: Callable[[], list[_Pending]]
+    identities: list[dict[str, Any]]  # per source: what decides its documents (the manifest's "sources")
+    inputs: list[dict[str, Any]]  # per source: as given (the manifest's "inputs")
+    split: dict[str, Any]  # the split rule
+
+
+def _plan(sources: Sequence[str | Path] | None, val_fraction: float, progress: bool) -> _Plan:
+    """Resolve the sources of `prepare_data` (None: the default corpus, downloaded only when loaded)."""
+    if sources is None:
+        identity = default_corpus_identity()
+        split = {"kind": "corpus", "rule": identity["val_rule"]}
+        inputs: list[dict[str, Any]] = [{"source": "default corpus", "licenses": LICENSES}]
+        return _Plan(lambda: [_from_document(doc) for doc in default_corpus(progress)], [identity], inputs, split)
+    pending: list[_Pending] = []
+    identities, inputs, seen = [], [], set()
+    for source in sources:
+        docs, identity, given = _resolve(str(source), seen)
+        pending += docs
+        identities.append(identity)
+        inputs.append(given)
+    split = {"kind": "document-hash", "val_fraction": val_fraction, "rule": SPLIT_RULE}
+    return _Plan(lambda: pending, identities, inputs, split)
+
+
+def _prepared(directory: Path, fingerprint: str) -> PackedData | None:
+    """The data prepared in `directory` if it is whole and of `fingerprint`; else None, the directory discarded."""
+    if not directory.exists():
+        return None
+    try:
+        data = open_packed(directory)
+        if data.fingerprint == fingerprint:
+            return data
+        problem = f"its fingerprint {data.fingerprint[:16]} is not {fingerprint[:16]}"
+    except LmdistillError as exc:
+        problem = str(exc)
+    log.warning("prepared data in %s is unusable (%s); preparing it again", directory, problem)
+    _discard(directory)
+    return None
 
 
 def open_packed(directory: Path) -> PackedData:

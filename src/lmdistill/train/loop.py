@@ -1,10 +1,19 @@
 """`lmdistill train`: language-model and knowledge-distillation training of a student.
 
-One loop for every mix: the student's final hidden states and output head go through `chunked_distill_loss`
-together with either the online teacher's hidden states and head, a cached top-k teacher distribution, or nothing
-(CE only). Every loss is normalized by the global count of predicted tokens of the optimizer step, so gradient
-accumulation and the number of processes do not change the update. The loss is part of the forward of the module
-that DDP wraps or FSDP shards (`LMLoss`), so one code path serves one process, DDP and FSDP.
+One optimizer step is `train_step`. For each micro-batch, inside autocast: the data source's ids and labels
+(`TrainData.batch`); the teacher under `torch.no_grad()` (`TrainData.teacher_targets`): with `--teacher` the
+teacher's forward pass happens there, `PackedTrainData.teacher_targets` running it on the micro-batch to its final
+hidden states, with `--teacher-cache` the cached top-k distribution of the blocks is looked up, and for CE only
+there is nothing; then the student's forward pass and the loss, one call of the loss module (`LMLoss`: the
+student's final hidden states and output head go through `chunked_distill_loss` together with the teacher's), and
+the backward pass. Then the sums are reduced over processes, checked, and the gradients clipped and applied. Every
+loss is normalized by the global count of predicted tokens of the optimizer step (`TrainData.step_options`), so
+gradient accumulation and the number of processes do not change the update. The loss is part of the forward of the
+module that DDP wraps or FSDP shards, so one code path serves one process, DDP and FSDP.
+
+`_train` drives a run: the checks of --out and --resume (`_resume_point`), the setup (`_setup`: student, data,
+wrapping, optimizer, schedule), resume or seed (`_restore`), `train_step` per step, then evaluation, metrics and
+checkpoints (`_after_step`, `_save`), and the trained student in OUT/final (`_save_final`).
 
 What the loop trains on is a `TrainData`: the packed text blocks of `--data` (`PackedTrainData`, the default) or any
 other source that gives padded, label-masked batches and its own loss module, such as the label + rationale
@@ -25,7 +34,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -166,11 +175,12 @@ class MetricsLog:
 class TrainData(Protocol):
     """A training data source of `run_train`.
 
-    The loop reads examples by index (`DataOrder` over ``len(data)``); for each optimizer step it asks for the
-    step's loss options once, from the indices of all its micro-batches on all processes (so that normalizers are
-    global counts, which keeps gradient accumulation and the number of processes out of the update), then for each
-    micro-batch calls the loss module as ``module(ids, labels, **extras, **options)`` inside autocast and
-    back-propagates the first of its outputs.
+    The loop reads examples by index (`DataOrder` over ``len(data)``). For each optimizer step it asks for the step's
+    loss options once (`step_options`), from the indices of all its micro-batches on all processes, so that
+    normalizers are global counts, which keeps gradient accumulation and the number of processes out of the update.
+    Then, for each micro-batch, inside autocast (see `train_step`): ``ids, labels, inputs = batch(indices)``,
+    ``teacher = teacher_targets(ids, indices)`` under `torch.no_grad()`, and the loss module's
+    ``module(ids, labels, **inputs, **teacher, **options)``, whose first output is back-propagated.
 
     Attributes:
         terms: the names of the loss parts the module returns after the total, logged per step.
@@ -190,12 +200,17 @@ class TrainData(Protocol):
 
     def step_options(self, indices: np.ndarray) -> dict[str, Any]:
         """Keyword options of the loss module for one optimizer step whose examples (all micro-batches, all
-        processes) are ``indices``."""
+        processes) are ``indices``: its normalizers (``num_items``) and loss settings."""
         ...
 
     def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """ids ``[B, L]``, labels ``[B, L]`` (aligned: position t predicts labels[t]; -100 where nothing is
-        predicted, padding included) and further tensors for the loss module; called inside autocast."""
+        predicted, padding included) and further keyword tensors of the loss module for the student's side."""
+        ...
+
+    def teacher_targets(self, ids: torch.Tensor, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The teacher's side of the loss for the micro-batch `ids` ``[B, L]`` of the examples `indices`: keyword
+        tensors of the loss module, ``{}`` without a teacher; called under `torch.no_grad()` and autocast."""
         ...
 
     def tokens(self, indices: np.ndarray) -> int:
@@ -272,16 +287,21 @@ class PackedTrainData:
 
     def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         ids = torch.as_tensor(self.data.train[indices].astype(np.int64), device=device)  # [B, L]
-        teacher_inputs: dict[str, torch.Tensor] = {}
+        return ids, shifted_labels(ids), {}
+
+    def teacher_targets(self, ids: torch.Tensor, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The online teacher's forward pass on `ids`: its final hidden states ``[B, L, d_T]`` and output head
+        ``[V, d_T]``; or the cached top-k ids and log-probabilities ``[B, L, K]`` of the blocks `indices`; ``{}``
+        for CE only."""
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_inputs["teacher_hidden"] = self.teacher.base_model(input_ids=ids).last_hidden_state
-            teacher_inputs["teacher_head"] = self.teacher.get_output_embeddings().weight
-        elif self.cache is not None:
+            return {
+                "teacher_hidden": self.teacher.base_model(input_ids=ids).last_hidden_state,
+                "teacher_head": self.teacher.get_output_embeddings().weight,
+            }
+        if self.cache is not None:
             top_ids, top_logprobs = self.cache.lookup(indices)  # [B, L, K] each
-            teacher_inputs["teacher_ids"] = top_ids.to(device)
-            teacher_inputs["teacher_logprobs"] = top_logprobs.to(device)
-        return ids, shifted_labels(ids), teacher_inputs
+            return {"teacher_ids": top_ids.to(ids.device), "teacher_logprobs": top_logprobs.to(ids.device)}
+        return {}
 
     def tokens(self, indices: np.ndarray) -> int:
         return len(indices) * self.config.seq_len
@@ -329,6 +349,84 @@ def run_train(
         distributed.stop()
 
 
+@dataclasses.dataclass
+class Run:
+    """What a training run works with, from its setup (`_setup`) to its final save."""
+
+    config: TrainConfig
+    settings: Any  # written to OUT/config.yaml and compared on resume
+    processes: distributed.Processes
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    data: TrainData
+    order: DataOrder
+    loss_module: nn.Module  # data.loss_module(student)
+    model: nn.Module  # the loss module as DDP or FSDP run it (itself in one process)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step: batch size x grad accum x processes."""
+        return self.config.batch_size * self.config.grad_accum * self.processes.world
+
+    def examples(self, step: int, micro: int | None = None) -> np.ndarray:
+        """Indices of the examples of optimizer step `step` (from 0): all of them (all micro-batches, all
+        processes), or those of this process's micro-batch `micro`."""
+        first, size = step * self.global_batch, self.config.batch_size
+        if micro is None:
+            return self.order.blocks(first, self.global_batch)
+        return self.order.blocks(first + (micro * self.processes.world + self.processes.rank) * size, size)
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
+    """Optimizer step `step` (from 0): forward and backward passes of its micro-batches, then the update.
+
+    Returns:
+        The step's losses summed over processes (float64 ``[1 + terms]``: the total, then each of `TrainData.terms`)
+        and the gradient norm before clipping.
+
+    Raises:
+        LmdistillError: the loss or the gradient norm is not finite; the model is left as it was.
+    """
+    config, data, model, device = run.config, run.data, run.model, run.processes.device
+    # The normalizers (num_items): the counts of predicted tokens of all the step's examples (all micro-batches, all
+    # processes), so that each micro-batch's loss is its share of the step's.
+    options = data.step_options(run.examples(step))
+    sums = torch.zeros(1 + len(data.terms), dtype=torch.float64, device=device)  # total, then terms
+    for micro in range(config.grad_accum):
+        indices = run.examples(step, micro)
+        with autocast(device, config.precision):
+            ids, labels, inputs = data.batch(indices, device)  # [B, L] each; inputs: e.g. each row's term
+            with torch.no_grad():  # the teacher: its forward pass (online) or its cached top-k; {} for CE only
+                teacher = data.teacher_targets(ids, indices)
+            with distributed.gradient_sync(model, micro == config.grad_accum - 1):
+                # The student's forward pass and its loss, in the module DDP wraps or FSDP shards.
+                total, *parts = model(ids, labels, **inputs, **teacher, **options)
+                # DDP and FSDP average gradients over processes; the loss is already a share of the global sum.
+                (total * run.processes.world).backward()
+        sums += torch.stack([total.detach(), *(p.detach() for p in parts)]).double()
+    distributed.all_reduce_sum(sums)
+    if not torch.isfinite(sums).all():
+        raise _stopped(run, f"the loss became {sums[0].item()} at step {step + 1}")
+    # The norm of the whole job's gradients: every process stops at the same step.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), config.grad_clip or float("inf")).item()
+    if not math.isfinite(grad_norm):
+        raise _stopped(run, f"the gradient norm became {grad_norm} at step {step + 1}")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
 def _train(
     config: TrainConfig,
     processes: distributed.Processes,
@@ -336,7 +434,56 @@ def _train(
     make_data: DataFactory,
     settings: Any,
 ) -> dict[str, Any]:
+    """The run of `run_train`: from its start or its checkpoint, `train_step` by step, to OUT/final."""
     settings = config if settings is None else settings
+    resumed = _resume_point(config, settings, processes)
+    run = _setup(config, settings, processes, make_data, resumed)
+    start_step, record = _restore(run, resumed)
+    if processes.main:
+        _write_run_files(run)
+    metrics = MetricsLog(run.out, start_step) if processes.main else None
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (processes.main and config.progress),
+    )
+    started, tokens_this_run, tokens_total = time.perf_counter(), 0, record.get("tokens", 0)
+    for step in range(start_step, config.max_steps):
+        sums, grad_norm = train_step(run, step)
+        step_tokens = run.data.tokens(run.examples(step))
+        tokens_this_run += step_tokens
+        tokens_total += step_tokens
+        record = {"step": step + 1, "loss": sums[0].item()}
+        record.update({name: value.item() for name, value in zip(run.data.terms, sums[1:])})
+        record.update(
+            {
+                "lr": run.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens": tokens_total,
+                "tokens_per_s": tokens_this_run / (time.perf_counter() - started),
+            }
+        )
+        _after_step(run, record, metrics, bar, on_step)
+    bar.close()
+    return _save_final(run, record, time.perf_counter() - started)
+
+
+class Resumed(NamedTuple):
+    """The checkpoint a launch resumes from: its directory, training state and ``meta.json``."""
+
+    path: Path
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _resume_point(config: TrainConfig, settings: Any, processes: distributed.Processes) -> Resumed | None:
+    """Check --out, and with --resume find its latest checkpoint and refuse it unless this launch continues its run.
+
+    Returns:
+        The checkpoint to resume from, or None: a new run.
+    """
     out = Path(config.out)
     root = out / "checkpoints"
     final = (out / "final").resolve()
@@ -352,144 +499,129 @@ def _train(
         for leftover in remove_staging_leftovers(root):
             log.info("removed %s, a checkpoint that was not finished", leftover)
     resume_from = checkpoint.latest_checkpoint(root) if config.resume else None
-    if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from)
-        meta = json.loads((resume_from / "meta.json").read_text())
-        check_resume(settings, meta["config"], state, config, processes.world, resume_from)
+    if resume_from is None:
+        return None
+    state = checkpoint.load_training_state(resume_from)
+    meta = json.loads((resume_from / "meta.json").read_text())
+    check_resume(settings, meta["config"], state, config, processes.world, resume_from)
+    return Resumed(resume_from, state, meta)
 
-    student, tokenizer, _ = load_hf_directory(Path(resume_from or config.student), torch.float32)
+
+def _setup(
+    config: TrainConfig,
+    settings: Any,
+    processes: distributed.Processes,
+    make_data: DataFactory,
+    resumed: Resumed | None,
+) -> Run:
+    """Load the student (from the checkpoint when resuming) and its data, wrap its loss module, make its optimizer
+    and learning-rate schedule."""
+    student, tokenizer, _ = load_hf_directory(resumed.path if resumed else Path(config.student), torch.float32)
     student.train()
     data = make_data(student, tokenizer, processes)
     order = DataOrder(len(data), config.seed)
-    global_batch = config.batch_size * config.grad_accum * processes.world
-
     loss_module = data.loss_module(student)
     model = distributed.wrap(loss_module, processes, decoder_layers(student) if config.fsdp else None)
     optimizer = _optimizer(student, config)  # after wrapping: FSDP replaces the parameters with sharded ones
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    return Run(config, settings, processes, student, tokenizer, data, order, loss_module, model, optimizer, scheduler)
 
-    start_step, last_record = 0, {}
-    if resume_from is not None:
-        checkpoint.load_optimizer_state(student, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # A process the checkpoint's job did not have takes rank 0's state (every process starts from the same seed).
-        rng = state["rng"]
-        checkpoint.set_rng_state(rng[processes.rank] if processes.rank < len(rng) else rng[0])
-        start_step, last_record = state["step"], meta["metrics"]
-        log.info("resuming from %s at step %d", resume_from, start_step)
-    else:
-        torch.manual_seed(config.seed)
 
+def _restore(run: Run, resumed: Resumed | None) -> tuple[int, dict[str, Any]]:
+    """Continue the checkpoint (optimizer, schedule, random state), or seed a new run.
+
+    Returns:
+        The step to start from and the metrics record of the step before it (``{}`` for a new run).
+    """
+    if resumed is None:
+        torch.manual_seed(run.config.seed)
+        return 0, {}
+    state = resumed.state
+    checkpoint.load_optimizer_state(run.student, run.optimizer, state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    # A process the checkpoint's job did not have takes rank 0's state (every process starts from the same seed).
+    rng, rank = state["rng"], run.processes.rank
+    checkpoint.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    log.info("resuming from %s at step %d", resumed.path, state["step"])
+    return state["step"], resumed.meta["metrics"]
+
+
+def _write_run_files(run: Run) -> None:
+    """OUT/config.yaml, environment.json (with the precision used) and data_manifest.json."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.yaml").write_text(to_yaml(run.settings))
+    env = environment(resolve_precision(run.processes.device, run.config.precision))
+    (run.out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    (run.out / "data_manifest.json").write_text(json.dumps(run.data.manifest, indent=2) + "\n")
+
+
+def _after_step(
+    run: Run,
+    record: dict[str, Any],
+    metrics: MetricsLog | None,
+    bar: tqdm,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """Evaluate, log and checkpoint at the intervals of the config (and at the last step) after the step of
+    `record`, whose held-out loss and perplexity it adds when it evaluates."""
+    config, done = run.config, record["step"]
+    is_last = done == config.max_steps
+    if (config.eval_every and done % config.eval_every == 0) or is_last:
+        record["val_loss"] = run.data.evaluate(run.loss_module, run.processes)
+        record["val_ppl"] = perplexity(record["val_loss"])
+    if metrics is not None and (done % config.log_every == 0 or "val_loss" in record or done == 1):
+        metrics.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+    bar.update(1)
+    if on_step is not None:
+        on_step(record)
+    if (config.save_every and done % config.save_every == 0) or is_last:
+        _save(run, done, record)
+
+
+def _save(run: Run, step: int, record: dict[str, Any]) -> None:
+    """Checkpoint `step` (weights, optimizer, schedule, every process's random state, `record`) in OUT/checkpoints."""
+    processes = run.processes
+    states = [checkpoint.rng_state()]
+    if processes.world > 1:
+        states = [None] * processes.world
+        torch.distributed.all_gather_object(states, checkpoint.rng_state())
+    weights = checkpoint.gathered_weights(run.student)
+    optimizer_state = checkpoint.gathered_optimizer_state(run.student, run.optimizer)
     if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(settings))
-        env = environment(resolve_precision(processes.device, config.precision))
-        (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-        (out / "data_manifest.json").write_text(json.dumps(data.manifest, indent=2) + "\n")
-    metrics = MetricsLog(out, start_step) if processes.main else None
+        training_state = {
+            "optimizer": optimizer_state,
+            "scheduler": run.scheduler.state_dict(),
+            "rng": states,
+            "step": step,
+            "samples_seen": step * run.global_batch,
+        }
+        meta = {"step": step, "metrics": record, "config": vars(run.settings)}
+        checkpoint.save_checkpoint(run.checkpoints, step, run.student, weights, run.tokenizer, training_state, meta)
+    if processes.world > 1:
+        torch.distributed.barrier()
 
-    def evaluate() -> float:
-        return data.evaluate(loss_module, processes)
 
-    def save(step: int, record: dict[str, Any]) -> None:
-        states = [checkpoint.rng_state()]
-        if processes.world > 1:
-            states = [None] * processes.world
-            torch.distributed.all_gather_object(states, checkpoint.rng_state())
-        weights = checkpoint.gathered_weights(student)
-        optimizer_state = checkpoint.gathered_optimizer_state(student, optimizer)
-        if processes.main:
-            training_state = {
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": states,
-                "step": step,
-                "samples_seen": step * global_batch,
-            }
-            meta = {"step": step, "metrics": record, "config": vars(settings)}
-            checkpoint.save_checkpoint(root, step, student, weights, tokenizer, training_state, meta)
-        if processes.world > 1:
-            torch.distributed.barrier()
-
-    def stopped(what: str) -> LmdistillError:
-        return LmdistillError(
-            f"{what}; stopped without updating the model. Last good checkpoint: "
-            f"{checkpoint.latest_checkpoint(root) or 'none'} (try a lower --lr or --precision fp32)"
-        )
-
-    bar = tqdm(
-        total=config.max_steps,
-        initial=start_step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (processes.main and config.progress),
-    )
-    started, tokens_this_run, record = time.perf_counter(), 0, last_record
-    tokens_total = last_record.get("tokens", 0)
-    for step in range(start_step, config.max_steps):
-        step_indices = order.blocks(step * global_batch, global_batch)
-        loss_options = data.step_options(step_indices)
-        sums = torch.zeros(1 + len(data.terms), dtype=torch.float64, device=processes.device)  # total, then terms
-        for micro in range(config.grad_accum):
-            position = step * global_batch + (micro * processes.world + processes.rank) * config.batch_size
-            indices = order.blocks(position, config.batch_size)
-            with autocast(processes.device, config.precision):
-                ids, labels, extras = data.batch(indices, processes.device)
-                with distributed.gradient_sync(model, micro == config.grad_accum - 1):
-                    total, *parts = model(ids, labels, **extras, **loss_options)
-                    # DDP and FSDP average gradients over processes; the loss is already a share of the global sum.
-                    (total * processes.world).backward()
-            sums += torch.stack([total.detach(), *(p.detach() for p in parts)]).double()
-        distributed.all_reduce_sum(sums)
-        if not torch.isfinite(sums).all():
-            raise stopped(f"the loss became {sums[0].item()} at step {step + 1}")
-        # The norm of the whole job's gradients: every process stops at the same step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf")).item()
-        if not math.isfinite(grad_norm):
-            raise stopped(f"the gradient norm became {grad_norm} at step {step + 1}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        step_tokens = data.tokens(step_indices)
-        tokens_this_run += step_tokens
-        tokens_total += step_tokens
-        elapsed = time.perf_counter() - started
-        record = {"step": done, "loss": sums[0].item()}
-        record.update({name: value.item() for name, value in zip(data.terms, sums[1:])})
-        record.update(
-            {
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens": tokens_total,
-                "tokens_per_s": tokens_this_run / elapsed,
-            }
-        )
-        is_last = done == config.max_steps
-        if (config.eval_every and done % config.eval_every == 0) or is_last:
-            record["val_loss"] = evaluate()
-            record["val_ppl"] = perplexity(record["val_loss"])
-        if metrics is not None and (done % config.log_every == 0 or "val_loss" in record or done == 1):
-            metrics.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        bar.update(1)
-        if on_step is not None:
-            on_step(record)
-        if (config.save_every and done % config.save_every == 0) or is_last:
-            save(done, record)
-    bar.close()
-
+def _save_final(run: Run, record: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Write the trained student to OUT/final and the run's summary to OUT/summary.json; return the summary."""
+    config, out = run.config, run.out
     # A run resumed from its final checkpoint reports that checkpoint's metrics (the last step always evaluates).
     summary: dict[str, Any] = {"steps": config.max_steps, "out": str(out)}
     summary.update({k: record[k] for k in ("tokens", "tokens_per_s", "val_loss", "val_ppl")})
-    summary["seconds"] = time.perf_counter() - started
-    weights = checkpoint.gathered_weights(student)
-    if processes.main:
+    summary["seconds"] = seconds
+    weights = checkpoint.gathered_weights(run.student)
+    if run.processes.main:
         final = out / "final"
         with staged(final) as staging:
-            student.save_pretrained(staging, state_dict=weights)
-            tokenizer.save_pretrained(staging)
+            run.student.save_pretrained(staging, state_dict=weights)
+            run.tokenizer.save_pretrained(staging)
         summary["final"] = str(final)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _stopped(run: Run, what: str) -> LmdistillError:
+    return LmdistillError(
+        f"{what}; stopped without updating the model. Last good checkpoint: "
+        f"{checkpoint.latest_checkpoint(run.checkpoints) or 'none'} (try a lower --lr or --precision fp32)"
+    )

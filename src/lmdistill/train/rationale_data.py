@@ -149,6 +149,10 @@ class RationaleTrainData:
         ids, labels, row_terms = pad_right([s for i in indices for s in self.train[i]], self.pad_id)
         return ids.to(device), labels.to(device), {"row_terms": row_terms.to(device)}
 
+    def teacher_targets(self, ids: torch.Tensor, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """``{}``: no teacher; the targets are the examples' own label and rationale tokens."""
+        return {}
+
     def tokens(self, indices: np.ndarray) -> int:
         return sum(len(s.ids) for i in indices for s in self.train[i])
 
