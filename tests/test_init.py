@@ -1,4 +1,4 @@
-"""GUIDE and Weight Selection identities on tiny randomized teachers (DESIGN.md section 3)."""
+"""GUIDE and Weight Selection identities on tiny randomized teachers (derivations: lmdistill.init.guide, .select)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def build_student(
     Methods:
         random: the architecture's own initialization (seeded).
         weight-selection: the teacher's first N blocks, uniform selection on every axis (Xu et al. 2024).
-        guide: GUIDE (DESIGN.md section 3): PCA embeddings, block 1 folded through M, blocks 2..N random.
+        guide: GUIDE (Trinh et al. 2025; `lmdistill.init.guide`): PCA embeddings, block 1 folded through M, blocks 2..N
+            random.
         guide-all: every block folded through M from teacher blocks chosen by uniform layer selection.
 
     Args:
