@@ -19,8 +19,8 @@ from lmdistill.train import loop
 
 
 def save_llama(path: Path, **sizes) -> Path:
-    """A llama of vocabulary 8192 (the tiny tokenizer's 96 ids are its first), saved with the tiny tokenizer."""
-    config = LlamaConfig(vocab_size=8192, bos_token_id=0, eos_token_id=1, num_key_value_heads=2, head_dim=64,
+    """A llama of vocabulary 16,384 (the tiny tokenizer's 96 ids are its first), saved with the tiny tokenizer."""
+    config = LlamaConfig(vocab_size=16384, bos_token_id=0, eos_token_id=1, num_key_value_heads=2, head_dim=64,
                          max_position_embeddings=256, **sizes)  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -30,23 +30,23 @@ def save_llama(path: Path, **sizes) -> Path:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A student of 7.3M parameters, a teacher of 20M (so the model terms weigh next to the Python process), a
-    corpus, and a top-64 cache of the blocks the runs below read."""
+    """A student of 29M parameters, a teacher of 50M (so that the model terms outweigh the Python process), a corpus,
+    and a top-64 cache of the blocks the runs below read."""
     root = tmp_path_factory.mktemp("estimate")
-    save_llama(root / "student", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4)
-    save_llama(root / "teacher", hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8)
+    save_llama(root / "student", hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8)
+    save_llama(root / "teacher", hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12)
     write_corpus(root / "corpus", words=2000)
     with lmdistill_cache(root / "cache"):
         args = ["--teacher", root / "teacher", "--data", root / "corpus", "--seq-len", 128, "--top-k", 64,
-                "--samples", 8, "--no-progress", "--out", root / "teacher-cache"]  # fmt: skip
+                "--samples", 16, "--no-progress", "--out", root / "teacher-cache"]  # fmt: skip
         assert main(["cache-teacher", *map(str, args)]) == 0
         yield root
 
 
 def train_args(ws: Path, out: str, teacher: str) -> list[str]:
-    """`lmdistill train` of 2 steps of 4 x 128 tokens: CE (teacher ""), online KD ("online") or cached KD."""
+    """`lmdistill train` of 2 steps of 8 x 128 tokens: CE (teacher ""), online KD ("online") or cached KD."""
     kd = {"": [], "online": ["--teacher", ws / "teacher"], "cached": ["--teacher-cache", ws / "teacher-cache"]}
-    args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 128, "--batch-size", 4,
+    args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 128, "--batch-size", 8,
             "--max-steps", 2, "--eval-tokens", 256, "--precision", "fp32", "--no-progress", "--out", ws / out,
             *kd[teacher], *(["--loss", "kd"] if teacher else [])]  # fmt: skip
     return list(map(str, args))

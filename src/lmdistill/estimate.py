@@ -65,11 +65,13 @@ def _proc_kib(path: Path, key: str) -> int:
 
 @dataclass(frozen=True)
 class Term:
-    """One component of the estimate: a name, its bytes and how they were counted."""
+    """One component of the estimate: a name, its bytes, how they were counted, and when it is held: always
+    (phase ""), during a training step ("step") or while the final checkpoint is written ("checkpoint")."""
 
     name: str
     bytes: int
     how: str
+    phase: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,17 @@ class Estimate:
 
     @property
     def peak(self) -> int:
-        return sum(term.bytes for term in self.terms)
+        """What is always held plus the larger of the training step and the checkpoint write."""
+        held = {phase: sum(t.bytes for t in self.terms if t.phase == phase) for phase in ("", "step", "checkpoint")}
+        return held[""] + max(held["step"], held["checkpoint"])
 
     def table(self) -> str:
         """The estimate as a text table, MiB per component."""
         width = max(len(term.name) for term in self.terms)
-        rows = [f"{term.name:<{width}s} {term.bytes / MIB:10.1f} MiB  {term.how}" for term in self.terms]
+        rows = [
+            f"{term.name:<{width}s} {term.bytes / MIB:10.1f} MiB  {f'({term.phase}) ' if term.phase else ''}{term.how}"
+            for term in self.terms
+        ]
         rows.append(f"{'expected peak per process':<{width}s} {self.peak / MIB:10.1f} MiB")
         if self.cache_disk is not None:
             rows.append(f"{'teacher cache on disk':<{width}s} {self.cache_disk / MIB:10.1f} MiB  {self.cache_how}")
@@ -154,25 +161,25 @@ def training_estimate(
         terms.append(Term("teacher forward", t_forward, "no grad, one micro-batch: one MLP and the hidden states"))
     share = f", 1/{shards} per process (FSDP)" if shards > 1 else ""
     terms.append(Term("student weights", weights, f"{n:,} parameters, float32{share}"))
+    terms.append(Term("AdamW state", 2 * weights, "exp_avg and exp_avg_sq, float32"))
+    activations = FLOAT * activation_floats(student, tokens)
     train = [
-        Term("student gradients", weights, "float32"),
-        Term("AdamW state", 2 * weights, "exp_avg and exp_avg_sq, float32"),
-        Term("activations", FLOAT * activation_floats(student, tokens), f"one micro-batch of {batch_size} x {seq_len}"),
+        Term("student gradients", weights, "float32", "step"),
+        Term("activations", activations, f"one micro-batch of {batch_size} x {seq_len}", "step"),
     ]
     if fsdp and shards > 1:
         layer = FLOAT * (n - _embedding_parameters(student)) // student.num_hidden_layers
-        train.append(Term("gathered layer", 2 * layer, "one decoder layer's weights and gradients, whole"))
+        train.append(Term("gathered layer", 2 * layer, "one decoder layer's weights and gradients, whole", "step"))
     what = "logits, softmax, grad" + (", teacher logits, softmax" if teacher is not None else "")
     buffers = what.count(",") + 1
     chunk = FLOAT * min(chunk_size, tokens) * vocab * buffers
-    train.append(Term("loss chunk buffers", chunk, f"{buffers} x [chunk, V] float32 ({what})"))
+    train.append(Term("loss chunk buffers", chunk, f"{buffers} x [chunk, V] float32 ({what})", "step"))
     if top_k is not None:
-        train.append(Term("cached top-k", tokens * top_k * 2 * FLOAT, f"ids and logprobs of a micro-batch, K={top_k}"))
+        top = tokens * top_k * 2 * FLOAT
+        train.append(Term("cached top-k", top, f"ids and logprobs of a micro-batch, K={top_k}", "step"))
     # the final checkpoint: the serialized copy of the weights and AdamW state (gathered whole on rank 0)
-    save = [Term("AdamW state", 2 * weights, "exp_avg and exp_avg_sq, float32"),
-            Term("checkpoint write", 3 * FLOAT * n, "serialized weights and AdamW state, whole")]  # fmt: skip
-    peak_phase = max(train, save, key=lambda phase: sum(term.bytes for term in phase))
-    return Estimate(tuple(terms + peak_phase))
+    save = Term("checkpoint write", 3 * FLOAT * n, "serialized weights and AdamW state, whole", "checkpoint")
+    return Estimate(tuple(terms + train + [save]))
 
 
 def _embedding_parameters(config: PretrainedConfig) -> int:
