@@ -41,8 +41,14 @@ def _init(config: InitConfig) -> None:
 
 
 def _train(config: TrainConfig) -> None:
-    from lmdistill.train.loop import run_train
+    from lmdistill.commands.estimate import estimate_train, warn_if_too_big
+    from lmdistill.train.loop import run_train  # imported first: the estimate's baseline is the running process
 
+    estimate = estimate_train(config)
+    if config.dry_run:
+        print(estimate.table())
+        return
+    warn_if_too_big(estimate)
     summary = run_train(config)
     if "final" in summary:
         print(json.dumps(summary, indent=2))
@@ -78,9 +84,15 @@ def _eval(config: EvalConfig) -> None:
 
 
 def _study(config: StudyConfig) -> None:
+    from lmdistill.commands.estimate import estimate_study, warn_if_too_big
     from lmdistill.commands.study import run_study
     from lmdistill.commands.study_report import headline_table
 
+    estimate = estimate_study(config)
+    if config.dry_run:
+        print(estimate.table())
+        return
+    warn_if_too_big(estimate)
     results = run_study(config)
     out = results["written_to"]
     print(f"\n{headline_table(results)}\n\nreport: {out}/report.md (plots: {out}/curves.png, {out}/gap.png)")

@@ -42,6 +42,19 @@ class StudyRun:
 
 
 @dataclass
+class DryRun:
+    """`--dry-run` (`train`, `study`): the expected peak memory, without loading any weights."""
+
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "print the expected peak memory per process by component (and a teacher cache's disk), from the "
+            "configs alone, and exit"
+        },
+    )
+
+
+@dataclass
 class Corpus:
     """The text a command reads as blocks of tokens, and its held-out share (`train`, `cache-teacher`, `eval`,
     `study`)."""

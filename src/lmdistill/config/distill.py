@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmdistill.config.bases import Autocast, Corpus, Distillation, Engine, EngineRun, StudentRun
+from lmdistill.config.bases import Autocast, Corpus, Distillation, DryRun, Engine, EngineRun, StudentRun
 from lmdistill.config.schema import check_ranges, check_required, check_types, override
 from lmdistill.errors import LmdistillError
 from lmdistill.init.build import InitMethod
@@ -61,7 +61,7 @@ class InitConfig:
 
 
 @dataclass
-class TrainConfig(EngineRun, Engine, Distillation, Corpus, StudentRun):
+class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
     """`lmdistill train`: train a student with cross-entropy and/or distillation from an online or cached teacher."""
 
     teacher: str | None = field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmdistill.config.bases import Autocast, Corpus, Distillation, Optimizer, StudyRun
+from lmdistill.config.bases import Autocast, Corpus, Distillation, DryRun, Optimizer, StudyRun
 from lmdistill.config.distill import SHAPE_FIELDS, InitConfig, LossMix, TrainConfig
 from lmdistill.config.schema import check_ranges, check_required, check_seeds, check_types, fields_of, override
 from lmdistill.errors import LmdistillError
@@ -51,7 +51,7 @@ STUDY_ARMS: dict[str, StudyArm] = {
         "temperature": "softmax temperature of the kd loss",
     },
 )
-class StudyConfig(StudyRun, Autocast, Optimizer, Distillation, Corpus):
+class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
     """`lmdistill study`: train one student shape under several initializations and losses, evaluate, report.
 
     Every run of every arm sees the same training blocks in the same order (`data_seed`), the same token budget,
