@@ -63,7 +63,7 @@ def _finished(run: Path) -> dict[str, Any] | None:
 
 
 # Settings that never change a study's results: how it is launched, where it is written.
-LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out")
+LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out", "dry_run")
 
 
 def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
