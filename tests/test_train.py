@@ -724,3 +724,13 @@ def test_an_out_whose_final_is_the_student_is_refused_before_anything_is_written
     with pytest.raises(LmdistillError, match="would write its trained student over --student"):
         run_train(dataclasses.replace(config(workspace, "unused"), student=str(out / student), out=str(out)))
     assert sorted(p.name for p in (out / student).iterdir()) == before and not (out / "checkpoints").exists()
+
+
+def test_train_from_a_directory_without_a_cache_is_refused_in_one_line(workspace, tmp_path, capsys):
+    args = ["train", "--student", workspace / "student", "--teacher-cache", tmp_path, "--loss", "kd", "--max-steps",
+            1, "--batch-size", 1, "--seq-len", 16, "--out", tmp_path / "run", "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(
+        "manifest.json is missing (run lmdistill cache-teacher)"
+    )

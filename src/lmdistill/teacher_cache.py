@@ -280,6 +280,30 @@ def _shard_blocks(file: Path) -> list[int] | None:
         return None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The checked manifest of the finished teacher cache in `path`.
+
+    Raises:
+        LmdistillError: no cache there, an interrupted build, or a manifest that is corrupt or of another format.
+    """
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        if (path / INCOMPLETE).is_file():
+            raise LmdistillError(
+                f"teacher cache {path} is incomplete: its build was interrupted; finish it with lmdistill "
+                "cache-teacher --resume"
+            )
+        raise LmdistillError(f"no teacher cache in {path}: manifest.json is missing (run lmdistill cache-teacher)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LmdistillError(f"teacher cache manifest {manifest_path} is corrupt: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise LmdistillError(f"{path} is not a version-{VERSION} lmdistill teacher cache")
+    _check_manifest(manifest_path, manifest)
+    return manifest
+
+
 @dataclass
 class TeacherCache:
     """A teacher cache opened for training, checked against the data it will be read with."""
@@ -305,21 +329,7 @@ class TeacherCache:
         Raises:
             LmdistillError: missing or corrupt files, or a manifest that does not match the data or the vocabulary.
         """
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            if (path / INCOMPLETE).is_file():
-                raise LmdistillError(
-                    f"teacher cache {path} is incomplete: its build was interrupted; finish it with lmdistill "
-                    "cache-teacher --resume"
-                )
-            raise LmdistillError(f"no teacher cache in {path}: manifest.json is missing (run lmdistill cache-teacher)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LmdistillError(f"teacher cache manifest {manifest_path} is corrupt: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise LmdistillError(f"{path} is not a version-{VERSION} lmdistill teacher cache")
-        _check_manifest(manifest_path, manifest)
+        manifest = read_manifest(path)
         expected = {  # the most telling mismatch first: a different seq_len also changes the data fingerprint
             "seq_len": data.train.shape[1],
             "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],

@@ -3,7 +3,6 @@ whose estimate exceeds the memory available (`lmdistill.estimate`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from lmdistill.estimate import Estimate, cache_bytes, exceeds_available, trainin
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import read_config, teacher_config
 from lmdistill.models.shape import derive_student_shape
+from lmdistill.teacher_cache import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def estimate_train(config: TrainConfig) -> Estimate:
     top_k = None
     if cached:
         cache = Path(config.teacher_cache)
-        top_k = json.loads((cache / "manifest.json").read_text())["top_k"]
+        top_k = read_manifest(cache)["top_k"]
     estimate = training_estimate(
         read_config(Path(config.student)),
         batch_size=config.batch_size,
