@@ -35,6 +35,7 @@ SHIPPED_CONFIGS = {
     "demo.yaml": StudyConfig,
     "study-smollm2.yaml": StudyConfig,
     "study-smollm2-gpu.yaml": StudyConfig,
+    "study-budgets.yaml": StudyConfig,
     "rationales-svamp-cqa.yaml": RationaleStudyConfig,
     "rationales-svamp-ws12.yaml": RationaleStudyConfig,
 }

@@ -12,8 +12,9 @@ import yaml
 from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
-from lmdistill.commands.study import collect_results, run_dir, student_dir, write_results
+from lmdistill.commands.study import run_dir, write_results
 from lmdistill.commands.study_report import headline_table
+from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.train.loop import run_train
@@ -29,7 +30,7 @@ TINY_STUDY = {
     "num_heads": 2,
     "num_kv_heads": 1,
     "intermediate_size": 24,
-    "train_tokens": 256,  # 4 steps of 4 x 16
+    "train_tokens": [256],  # 4 steps of 4 x 16
     "seq_len": 16,
     "warmup_steps": 1,
     "lr": 3e-3,
@@ -63,9 +64,10 @@ def study(tmp_path_factory):
 def test_tiny_study_writes_every_output_with_the_documented_keys(study):
     out, _, code = study
     assert code == 0
-    for name in ("results.json", "report.md", "curves.png", "gap.png", "study_config.yaml", "teacher.json"):
+    for name in ("results.json", "report.md", "curves.png", "gap.png", "budgets.png", "study_config.yaml"):
         assert (out / name).is_file(), name
-    for name in ("curves.png", "gap.png"):
+    assert teacher_record_path(out).is_file()
+    for name in ("curves.png", "gap.png", "budgets.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert set(results["teacher"]) >= {"val_loss", "val_ppl"}
@@ -76,10 +78,11 @@ def test_tiny_study_writes_every_output_with_the_documented_keys(study):
         assert arm["val_loss"] == pytest.approx(sum(r["val_loss"] for r in arm["per_seed"]) / len(arm["per_seed"]))
         for run in arm["per_seed"]:
             assert run["tokens"] == 256 and [p["tokens"] for p in run["curve"]] == [128, 256]
-            assert run["curve"][-1]["val_loss"] == run["val_loss"]
+            assert run["val_loss"] == run["scores"]["mixture"]
     assert results["arms"]["random"]["gap_closed_loss"] == 0.0
     # the kd arm read the shared cache, which holds exactly the blocks the runs read
-    assert results["teacher_cache"]["blocks"] <= 4 * 4
+    manifest = json.loads((out / "teacher-cache" / "256" / "manifest.json").read_text())
+    assert manifest["num_blocks"] <= 4 * 4
     report = (out / "report.md").read_text()
     for name in results["arms"]:
         assert f"`{name}`" in report
@@ -89,12 +92,14 @@ def test_tiny_study_writes_every_output_with_the_documented_keys(study):
 @pytest.mark.integration
 def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
     out, config_file, _ = study
-    finished = run_dir(out, "random", 0) / "summary.json"
+    finished = run_dir(out, 256, "random", 0) / "summary.json"
     before = (finished.stat().st_mtime_ns, json.loads((out / "results.json").read_text()))
-    interrupted = run_dir(out, "guide+kd", 1)
+    interrupted = run_dir(out, 256, "guide+kd", 1)
     shutil.rmtree(interrupted / "final")
     (interrupted / "summary.json").unlink()  # stopped after its last checkpoint, before the summary
-    shutil.rmtree(run_dir(out, "guide-random-projection", 0))  # never started
+    record_path(out, 256, "guide+kd", 1).unlink()
+    shutil.rmtree(run_dir(out, 256, "guide-random-projection", 0))  # never started
+    record_path(out, 256, "guide-random-projection", 0).unlink()
     (out / "results.json").unlink()
 
     args = ["study", "--config", str(config_file), "--out", str(out), "--no-progress"]
@@ -110,25 +115,37 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
 @pytest.mark.integration
 def test_resume_refuses_a_changed_study(study):
     out, config_file, _ = study
-    with pytest.raises(LmdistillError, match="different train_tokens"):
+    with pytest.raises(LmdistillError, match="different lr"):
         from lmdistill.commands.study import run_study
 
-        run_study(
-            StudyConfig(**{**load_yaml(config_file, StudyConfig), "train_tokens": 512, "out": str(out)}, resume=True)
-        )
+        run_study(StudyConfig(**{**load_yaml(config_file, StudyConfig), "lr": 1e-3, "out": str(out)}, resume=True))
 
 
-def fake_run(out: Path, arm: str, seed: int, loss: float) -> None:
-    run = run_dir(out, arm, seed)
-    run.mkdir(parents=True)
-    record = {"step": 2, "tokens": 100, "val_loss": loss, "val_ppl": math.exp(loss)}
-    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-    summary = {"tokens": 100, "seconds": 1.0, "tokens_per_s": 100.0, "val_loss": loss, "val_ppl": math.exp(loss)}
-    (run / "summary.json").write_text(json.dumps(summary))
-    student = student_dir(out, STUDY_ARMS[arm], seed)
-    student.mkdir(parents=True, exist_ok=True)
-    report = {"step0_val_loss": 9.0, "explained_variance": None, "student": {}}
-    (student / "init_report.json").write_text(json.dumps(report))
+SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8,
+         "intermediate_size": 24, "vocab_size": 96}  # fmt: skip
+
+
+def fake_run(results: Path, arm: str, seed: int, loss: float, budget: int = 40960, wiki: float | None = None) -> None:
+    """The record of a finished run: mixture loss ``loss``, Wikipedia loss ``wiki`` (default: the same)."""
+    scores = {"mixture": loss, "wikipedia": loss if wiki is None else wiki}
+    record = {"budget": budget, "arm": arm, "seed": seed, "scores": scores, "score_tokens": {"wikipedia": 64},
+              "mixture_weights": {"wikipedia": 1.0}, "tokens": budget, "seconds": 1.0, "tokens_per_s": 100.0,
+              "precision": "fp32", "precision_reason": "set to fp32", "cpu": {"model": "cpu", "flags": ["avx2"]},
+              "curve": [{"tokens": budget, "val_loss": loss, "val_ppl": math.exp(loss)}], "step0_val_loss": 9.0,
+              "explained_variance": None, "student": {"shape": SHAPE, "parameters": 1e4}, "weights_sha256": "0" * 64,
+              "teacher_cache_seconds": None}  # fmt: skip
+    path = record_path(results, budget, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def fake_teacher(results: Path, loss: float, wiki: float | None = None) -> None:
+    scores = {"mixture": loss, "wikipedia": loss if wiki is None else wiki}
+    record = {"name": "tiny", "parameters": 1e5, "scores": scores, "score_tokens": {"wikipedia": 64},
+              "mixture_weights": {"wikipedia": 1.0}, "curve_val_loss": loss, "seconds": 1.0}  # fmt: skip
+    path = teacher_record_path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
 
 
 def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_path):
@@ -138,7 +155,7 @@ def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_p
     losses = {("random", 0): 5.0, ("random", 1): 6.0, ("guide", 0): 4.0, ("guide", 1): 5.0, ("guide-centered", 2): 4.75}
     for (arm, seed), loss in losses.items():
         fake_run(tmp_path, arm, seed, loss)
-    (tmp_path / "teacher.json").write_text(json.dumps({"val_loss": 3.0, "val_ppl": math.exp(3.0)}))
+    fake_teacher(tmp_path, 3.0)
     arms = collect_results(config, tmp_path)["arms"]
     # guide: seed 0 closes (5 - 4) / (5 - 3) = 1/2, seed 1 closes (6 - 5) / (6 - 3) = 1/3
     assert [r["gap_closed_loss"] for r in arms["guide"]["per_seed"]] == pytest.approx([0.5, 1 / 3])
@@ -153,24 +170,26 @@ def test_gap_closed_is_paired_by_seed_and_falls_back_to_the_mean_of_random(tmp_p
 
 
 def test_every_arm_has_its_description_in_the_report_table():
+    score = {"loss": 5.0, "loss_std": None, "gap_closed": 0.5, "gap_closed_std": None}
     arm = {"seeds": [0], "per_seed": [{"seed": 0, "val_loss": 5.0}], "val_loss": 5.0, "val_loss_std": None,
            "val_ppl": 148.4, "val_ppl_std": None, "gap_closed_loss": 0.5, "gap_closed_loss_std": None,
            "gap_closed_ppl": 0.5, "gap_closed_ppl_std": None, "step0_val_loss": 9.0, "tokens": 256,
-           "seconds": 6.0}  # fmt: skip
-    teacher = {"name": "t", "parameters": 1e6, "val_loss": 3.0, "val_ppl": 20.1}
-    rows = headline_table({"arms": dict.fromkeys(STUDY_ARMS, arm), "teacher": teacher}).splitlines()[2:-1]
+           "seconds": 6.0, "scores": {"mixture": score}}  # fmt: skip
+    teacher = {"name": "t", "parameters": 1e6, "val_loss": 3.0, "val_ppl": 20.1, "scores": {"mixture": 3.0}}
+    results = {"arms": dict.fromkeys(STUDY_ARMS, arm), "teacher": teacher, "config": {"final_eval_sources": []}}
+    rows = headline_table(results).splitlines()[2:-1]
     assert all(arm.description for arm in STUDY_ARMS.values())
     assert [row.split(" | ")[1] for row in rows] == [arm.description for arm in STUDY_ARMS.values()]
 
 
 def test_report_only_reports_the_finished_runs_of_an_unfinished_study(tmp_path):
     config = StudyConfig(out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], report_only=True)
-    (tmp_path / "teacher.json").write_text(json.dumps({"val_loss": 3.0, "val_ppl": math.exp(3.0)}))
+    fake_teacher(tmp_path, 3.0)
     with pytest.raises(LmdistillError, match="no run of the study"):
         collect_results(config, tmp_path, partial=True)
     fake_run(tmp_path, "random", 0, 5.0)
     fake_run(tmp_path, "guide", 0, 4.0)
-    with pytest.raises(LmdistillError, match="has not finished"):
+    with pytest.raises(LmdistillError, match="run 40960/random/1 has not finished"):
         collect_results(config, tmp_path)
     results = collect_results(config, tmp_path, partial=True)
     assert (results["runs_finished"], results["runs_planned"]) == (2, 4)
@@ -181,9 +200,14 @@ def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():
     assert StudyConfig(**load_yaml(ROOT / "configs" / "demo.yaml", StudyConfig)) == DemoConfig().study_config()
     study = StudyConfig(**load_yaml(ROOT / "configs" / "study-smollm2.yaml", StudyConfig))
     assert study.seeds == [0, 1, 2] and len(study.arms) == 5 and len(study.ablations) == 4
-    assert study.max_steps * study.batch_size * study.seq_len >= 300_000
+    assert study.steps(study.train_tokens[0]) * study.batch_size * study.seq_len >= 300_000
     gpu = StudyConfig(**load_yaml(ROOT / "configs" / "study-smollm2-gpu.yaml", StudyConfig))
-    assert gpu.runs() == study.runs() and gpu.max_steps * gpu.batch_size * gpu.seq_len >= 50_000_000
+    assert [run[1:] for run in gpu.runs()] == [run[1:] for run in study.runs()]
+    assert gpu.steps(gpu.train_tokens[0]) * gpu.batch_size * gpu.seq_len >= 50_000_000
+    budgets = StudyConfig(**load_yaml(ROOT / "configs" / "study-budgets.yaml", StudyConfig))
+    assert min(budgets.train_tokens) >= 300_000 and max(budgets.train_tokens) >= 1_200_000
+    assert {"random", "guide", "kd", "guide+kd"} <= set(budgets.arms) and len(budgets.seeds) >= 2
+    assert budgets.final_eval_tokens >= 100_000 and budgets.final_eval_sources == ["wikipedia"]
 
 
 @pytest.mark.parametrize(
@@ -192,7 +216,10 @@ def test_demo_config_file_is_the_demo_and_the_shipped_study_is_valid():
         ({"arms": ["guide", "gide"]}, "unknown arms \\['gide'\\]"),
         ({"ablations": ["guide"]}, "once in --arms and --ablations"),
         ({"seeds": [0, 0]}, "distinct non-negative seeds"),
-        ({"eval_points": 50, "train_tokens": 1024}, "exceeds the 1 optimizer steps"),
+        ({"eval_points": 50, "train_tokens": [1024, 40960]}, "exceeds the 1 optimizer steps"),
+        ({"train_tokens": [1024, 1024]}, "distinct positive budgets"),
+        ({"train_tokens": []}, "distinct positive budgets"),
+        ({"only": ["40960/guide/7"]}, "--only: 40960/guide/7 is not a run of this study .*40960/random/0"),
         ({"kd_weight": 1.5}, "--kd-weight must be in"),
     ],
 )
@@ -206,14 +233,10 @@ def test_the_precision_the_runs_used_is_recorded_and_reported(study):
     out, _, _ = study
     results = json.loads((out / "results.json").read_text())
     assert (results["environment"]["precision"], results["environment"]["precision_reason"]) == ("fp32", "set to fp32")
-    for path in (out / "environment.json", run_dir(out, "random", 0) / "environment.json"):
+    for path in (out / "environment.json", run_dir(out, 256, "random", 0) / "environment.json"):
         assert json.loads(path.read_text())["precision"] == "fp32", path
     report = (out / "report.md").read_text()
     assert "runs in fp32 (set to fp32)" in report and "Warning" not in report
-
-
-SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8,
-         "intermediate_size": 24, "vocab_size": 96}  # fmt: skip
 
 
 @pytest.mark.parametrize("teacher_loss", [5.5, 9.0])
@@ -224,13 +247,8 @@ def test_a_teacher_not_better_than_random_leaves_the_gap_closed_undefined(tmp_pa
     losses = {("random", 0): 5.0, ("random", 1): 6.0, ("guide", 0): 4.0, ("guide", 1): 5.75, ("guide-centered", 2): 4.5}
     for (arm, seed), loss in losses.items():
         fake_run(tmp_path, arm, seed, loss)
-        report = student_dir(tmp_path, STUDY_ARMS[arm], seed) / "init_report.json"
-        report.write_text(
-            json.dumps({**json.loads(report.read_text()), "student": {"shape": SHAPE, "parameters": 1e4}})
-        )
-    teacher = {"name": "tiny", "parameters": 1e5, "val_loss": teacher_loss, "val_ppl": math.exp(teacher_loss)}
-    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
-    results = write_results(config, tmp_path)
+    fake_teacher(tmp_path, teacher_loss)
+    results = write_results(config)
     arms = json.loads((tmp_path / "results.json").read_text())["arms"]
     assert results["arms"] == arms
     if teacher_loss == 5.5:  # seed 0: the random run (5.0) beats the teacher; seed 1 (6.0) does not

@@ -95,7 +95,12 @@ def _study(config: StudyConfig) -> None:
     warn_if_too_big(estimate)
     results = run_study(config)
     out = results["written_to"]
-    print(f"\n{headline_table(results)}\n\nreport: {out}/report.md (plots: {out}/curves.png, {out}/gap.png)")
+    if config.only:
+        for name, summary in results["runs"].items():
+            print(f"{name}: trained student in {summary['final']}")
+        return
+    plots = ", ".join(f"{out}/{name}" for name in ("curves.png", "gap.png", "budgets.png"))
+    print(f"\n{headline_table(results)}\n\nreport: {out}/report.md (plots: {plots})")
 
 
 def _demo(config: DemoConfig) -> None:

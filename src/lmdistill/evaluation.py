@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from lmdistill.data.packed import PackedData
 from lmdistill.distributed import Processes, all_reduce_sum
 from lmdistill.objective import LMLoss, shifted_labels
 from lmdistill.precision import autocast
@@ -27,6 +30,38 @@ def token_blocks(token_ids: list[int] | torch.Tensor, seq_len: int) -> torch.Ten
     if ids.numel() < seq_len:
         raise ValueError(f"need at least {seq_len} tokens, got {ids.numel()}")
     return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+
+def spread_blocks(blocks: np.ndarray, tokens: int) -> np.ndarray:
+    """The evaluation blocks of a held-out split: ``max(1, tokens // L)`` blocks spaced evenly over it (all when it has
+    fewer), so that a small budget samples every held-out document, not the first few.
+
+    Args:
+        blocks: held-out token ids [N, L].
+        tokens: the evaluation's token budget.
+
+    Returns:
+        [min(N, max(1, tokens // L)), L], in the split's order.
+    """
+    count = max(1, tokens // blocks.shape[1])
+    if count >= len(blocks):
+        return np.asarray(blocks)
+    return np.asarray(blocks[np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)])
+
+
+def heldout_sets(data: PackedData, tokens: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per source named in ``tokens``, `spread_blocks` of its own held-out blocks (those holding only its text) for
+    its token budget there."""
+    ranges = data.manifest.get("val_blocks_by_source", {})
+    return {source: spread_blocks(data.val[ranges[source][0] : ranges[source][1]], n) for source, n in tokens.items()}
+
+
+def mixture_weights(data: PackedData, sources: list[str]) -> dict[str, float]:
+    """Each of ``sources``' share of the training tokens, renormalized over ``sources``: weights under which the mean
+    of per-source held-out losses is the expected loss on held-out text of the training mixture."""
+    tokens = {source: data.manifest["per_source"][source].get("train", {}).get("tokens", 0) for source in sources}
+    total = sum(tokens.values())
+    return {source: count / total for source, count in tokens.items()}
 
 
 @torch.no_grad()
@@ -76,6 +111,51 @@ def heldout_loss(
     all_reduce_sum(total)
     lm_loss.train(was_training)
     return (total[0] / total[1]).item()
+
+
+def mixture_scores(
+    model: PreTrainedModel, sets: dict[str, np.ndarray], weights: dict[str, float], **options: Any
+) -> dict[str, float]:
+    """Held-out loss of a model on each set of `heldout_sets` and on the training mixture.
+
+    Args:
+        model: a causal LM.
+        sets: source -> its held-out blocks [N_s, L].
+        weights: source -> its `mixture_weights` weight.
+        options: `heldout_loss` options (batch_size, precision, chunk_size).
+
+    Returns:
+        ``mixture`` (the weighted mean of the sources' losses), then each source's loss, in nats per token.
+    """
+    losses = {source: heldout_loss(model, blocks, **options) for source, blocks in sets.items()}
+    return {"mixture": sum(weights[source] * loss for source, loss in losses.items()), **losses}
+
+
+def token_multiplier(
+    budgets: Sequence[int], base_losses: Sequence[float], loss: float, budget: int
+) -> tuple[float, str]:
+    """How many times ``budget`` tokens a baseline needs to reach ``loss``: the baseline's final losses of runs at
+    ``budgets`` interpolated linearly in log-tokens (a run's own curve under a decaying schedule would understate
+    what a longer run reaches).
+
+    Args:
+        budgets: the baseline's token budgets, ascending.
+        base_losses: its final loss at each budget.
+        loss: the loss to reach.
+        budget: the tokens the loss was reached with.
+
+    Returns:
+        ``(multiplier, "within")``; ``(largest / budget, "above")`` when ``loss`` is below the baseline's loss at its
+        largest budget (the multiplier is larger than that), ``(smallest / budget, "below")`` when it is above the
+        baseline's loss at its smallest budget (the multiplier is smaller).
+    """
+    if loss >= base_losses[0]:
+        return budgets[0] / budget, "below"
+    for (b0, l0), (b1, l1) in zip(zip(budgets, base_losses), zip(budgets[1:], base_losses[1:])):
+        if l0 >= loss >= l1:
+            reached = math.log(b0) + (l0 - loss) / (l0 - l1) * (math.log(b1) - math.log(b0))
+            return math.exp(reached) / budget, "within"
+    return budgets[-1] / budget, "above"
 
 
 def perplexity(loss: float) -> float:

@@ -22,6 +22,22 @@ def fast_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bo
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the CPU flags that decide fp32 and bf16 speed
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """The CPU's model name and which of `SPEED_FLAGS` it has (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {"model": None, "flags": []}
+    fields = {
+        name.strip(): value.strip() for name, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    }
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name") or None, "flags": [flag for flag in SPEED_FLAGS if flag in flags]}
+
+
 def resolve_precision(device: torch.device, precision: str) -> tuple[str, str]:
     """The precision a setting ("auto", "bf16" or "fp32") runs in on `device`, "bf16" or "fp32", and why.
 

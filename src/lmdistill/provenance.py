@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import lmdistill
+from lmdistill.precision import cpu_description
 
 
 def git_state() -> dict[str, Any]:
@@ -45,6 +46,7 @@ def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "git": git_state(),
@@ -55,14 +57,21 @@ def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
 
 
 def recorded_precision(runs: Iterable[Path]) -> tuple[str, str] | None:
-    """The precision and its reason that the runs in these directories recorded in their environment.json; when they
-    differ, "mixed" (or the common precision) with each reason and its number of runs; None when none recorded one."""
-    found: Counter[tuple[str, str]] = Counter()
+    """The precision and its reason that the runs in these directories recorded in their environment.json (see
+    `combined_precision`)."""
+    pairs = []
     for run in runs:
         path = run / "environment.json"
         env = json.loads(path.read_text()) if path.is_file() else {}
         if "precision" in env:
-            found[env["precision"], env["precision_reason"]] += 1
+            pairs.append((env["precision"], env["precision_reason"]))
+    return combined_precision(pairs)
+
+
+def combined_precision(pairs: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """One (precision, reason) for runs that recorded these; when they differ, "mixed" (or the common precision) with
+    each reason and its number of runs; None when there are none."""
+    found: Counter[tuple[str, str]] = Counter(pairs)
     if not found:
         return None
     precisions = {precision for precision, _ in found}

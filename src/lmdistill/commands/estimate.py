@@ -45,13 +45,15 @@ def estimate_train(config: TrainConfig) -> Estimate:
 
 def estimate_study(config: StudyConfig) -> Estimate:
     """The estimate of a study's largest moment: a kd run training from the cache while the study holds the
-    teacher, and the disk of its cache (blocks: at most the samples of a run, max-steps x batch-size)."""
+    teacher (at its largest budget), and the disk of its caches, one per budget (blocks: at most the samples of a run,
+    max-steps x batch-size)."""
     teacher = teacher_config(config.teacher)
     adapter = adapter_for(teacher)
     sizes = {name: getattr(config, name) for name in STUDY_SHAPE}  # as `StudyConfig.init_config` gives them
     shape = derive_student_shape(adapter.shape(teacher), adapter, **sizes)
     kd = any(STUDY_ARMS[arm].loss != "ce" for arm in config.arms + config.ablations)
-    run = config.train_config(STUDY_ARMS["kd"], student="student", out="out", teacher_cache="cache")
+    budget = max(config.train_tokens)
+    run = config.train_config(STUDY_ARMS["kd"], budget, student="student", out="out", teacher_cache="cache")
     estimate = training_estimate(
         adapter.student_config(teacher, shape),
         batch_size=run.batch_size,
@@ -62,8 +64,10 @@ def estimate_study(config: StudyConfig) -> Estimate:
     )
     if not kd:
         return estimate
-    samples = config.max_steps * config.batch_size
-    how = f"at most {samples:,} blocks (max-steps x batch-size) x {config.seq_len} x top-{config.top_k}"
+    samples = sum(config.steps(budget) for budget in config.train_tokens) * config.batch_size
+    how = (
+        f"at most {samples:,} blocks (max-steps x batch-size, over the budgets) x {config.seq_len} x top-{config.top_k}"
+    )
     return Estimate(estimate.terms, cache_bytes(samples, config.seq_len, config.top_k), how)
 
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluation import gap_closed_forms, heldout_loss, perplexity
+from lmdistill.evaluation import gap_closed_forms, heldout_loss, perplexity, spread_blocks
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.precision import resolve_precision
 from lmdistill.provenance import environment
@@ -29,7 +29,7 @@ def run_eval(config: Any) -> dict[str, Any]:
     """
     model, tokenizer, _ = load_hf_directory(Path(config.model), torch.float32)
     data = prepare_data(config.data, tokenizer, config.seq_len, val_fraction=config.val_fraction)
-    blocks = data.val if config.eval_tokens is None else data.val[: max(1, config.eval_tokens // config.seq_len)]
+    blocks = data.val if config.eval_tokens is None else spread_blocks(data.val, config.eval_tokens)
     precision = resolve_precision(next(model.parameters()).device, config.precision)
 
     def measure(lm: PreTrainedModel, role: str, name: str) -> dict[str, float]:

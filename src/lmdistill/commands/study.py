@@ -1,25 +1,31 @@
-"""`lmdistill study` and `lmdistill demo`: one student shape, several initializations and losses, one report.
+"""`lmdistill study` and `lmdistill demo`: one student shape, several initializations and losses, several token
+budgets, one report.
 
-Layout of a study directory:
+Layout of a study directory (`--out`):
 
     study_config.yaml, environment.json    the resolved config and the software that ran it
-    teacher.json                           the teacher's held-out loss on the evaluation blocks
-    teacher-cache/                         top-k teacher distributions of the blocks the runs read (kd arms only)
-    students/<init>-<pca>-seed<S>/         initialized students, shared by arms that start alike
-    runs/<arm>/seed-<S>/                   one `lmdistill train` run directory per arm and seed
-    results.json, report.md, curves.png, gap.png
+    teacher-cache/<TOKENS>/                top-k teacher distributions of the blocks a budget's runs read (kd arms)
+    students/<init>-<pca>-seed<S>/         initialized students, shared by arms that start alike and by budgets
+    runs/<TOKENS>/<arm>/seed-<S>/          one `lmdistill train` run directory per budget, arm and seed
 
-Every stage is kept on disk, so `--resume` reuses finished students and runs and continues an interrupted run from
-its latest checkpoint.
+and of its results directory (`--results`, default `--out`), the part to keep (commit it):
 
-Launch: `lmdistill study --config configs/study-smollm2.yaml` or `lmdistill demo`.
+    study_config.yaml                      the config the records were made with
+    records/teacher.json                   the teacher's held-out scores
+    records/<TOKENS>/<arm>/seed-<S>.json   one record per finished run: its final scores, curve, student, timing
+    results.json, report.md, curves.png, gap.png, budgets.png
+
+A run with a record is finished: `--resume` trains only the runs without one, on any machine (a fresh one starts
+from the committed results directory), continuing an interrupted run from its latest checkpoint. The results are
+built from the records alone.
+
+Launch: `lmdistill study --config configs/study-budgets.yaml` or `lmdistill demo`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,20 +36,23 @@ from tqdm.auto import tqdm
 
 from lmdistill.commands.init import run_init
 from lmdistill.commands.study_report import undefined_gap_seeds, write_plots, write_report
-from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, to_yaml
+from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
+from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, run_name, to_yaml
 from lmdistill.data.order import DataOrder
-from lmdistill.data.packed import prepare_data
+from lmdistill.data.packed import PackedData, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluation import gap_closed_forms, heldout_loss, perplexity
+from lmdistill.evaluation import heldout_loss, heldout_sets, mixture_scores, mixture_weights, spread_blocks
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.precision import resolve_precision
-from lmdistill.provenance import environment, recorded_precision
-from lmdistill.stats import spread
+from lmdistill.provenance import environment
+from lmdistill.storage import sha256_file
 from lmdistill.teacher_cache import write_cache
 from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
 
 log = logging.getLogger(__name__)
+
+Run = tuple[int, str, int]  # (budget in tokens, arm, seed)
 
 
 def student_dir(out: Path, arm: StudyArm, seed: int) -> Path:
@@ -52,18 +61,18 @@ def student_dir(out: Path, arm: StudyArm, seed: int) -> Path:
     return out / "students" / f"{arm.init}{pca}-seed{seed}"
 
 
-def run_dir(out: Path, arm: str, seed: int) -> Path:
+def run_dir(out: Path, budget: int, arm: str, seed: int) -> Path:
     """The `lmdistill train` directory of one run."""
-    return out / "runs" / arm / f"seed-{seed}"
+    return out / "runs" / str(budget) / arm / f"seed-{seed}"
 
 
-def _finished(run: Path) -> dict[str, Any] | None:
-    summary = run / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else None
+def results_dir(config: StudyConfig) -> Path:
+    """Where the study's records and results go: `--results`, else `--out`."""
+    return Path(config.results or config.out)
 
 
 # Settings that never change a study's results: how it is launched, where it is written.
-LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out", "dry_run")
+LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out", "dry_run", "results", "only")
 
 
 def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
@@ -92,38 +101,86 @@ def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignore
         )
 
 
-def _measure_teacher(config: StudyConfig, out: Path, teacher: Any, val_blocks: np.ndarray) -> dict[str, Any]:
-    path = out / "teacher.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    log.info("evaluating the teacher on %d held-out tokens", val_blocks.size)
-    loss = heldout_loss(teacher.model, val_blocks, batch_size=config.batch_size, precision=config.precision)
-    result = {"name": teacher.name, "parameters": teacher.model.num_parameters(), "val_loss": loss}
-    result["val_ppl"] = perplexity(loss)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+GROWABLE = ("arms", "ablations", "seeds", "ablation_seeds", "train_tokens")
 
 
-def _prepare_students(config: StudyConfig, out: Path, val_blocks: np.ndarray) -> None:
-    """Initialize every distinct student once and add its step-0 loss on the study's held-out blocks to its report."""
-    for path, (arm_name, seed) in {student_dir(out, STUDY_ARMS[a], s): (a, s) for a, s in config.runs()}.items():
+class _Scoring:
+    """The held-out text of a study: the loss curve's blocks and the final scoring's per-source sets and weights."""
+
+    def __init__(self, config: StudyConfig, data: PackedData) -> None:
+        self.config = config
+        self.curve_blocks = spread_blocks(data.val, config.eval_tokens)  # the blocks `lmdistill train` evaluates on
+        ranges = data.manifest.get("val_blocks_by_source", {})
+        unknown = [source for source in config.final_eval_sources if source not in ranges]
+        if unknown:
+            raise LmdistillError(
+                f"--final-eval-sources: {unknown[0]} has no held-out blocks of its own; the data's: {', '.join(ranges)}"
+            )
+        weights = mixture_weights(data, list(ranges))
+        shares = {source: round(weights[source] * config.final_eval_tokens) for source in ranges}
+        for source in config.final_eval_sources:
+            shares[source] = max(shares[source], config.final_eval_tokens)
+        self.weights = weights
+        self.sets = heldout_sets(data, shares)
+
+    def score(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The model's final scores: the mixture's and each source's loss, and the tokens each was measured on."""
+        options = {"batch_size": self.config.batch_size, "precision": self.config.precision}
+        return {
+            "scores": mixture_scores(model, self.sets, self.weights, **options),
+            "score_tokens": {source: int(blocks.size) for source, blocks in self.sets.items()},
+            "mixture_weights": self.weights,
+        }
+
+    def loss(self, model: torch.nn.Module) -> float:
+        """The model's loss on the curve's blocks (as `lmdistill train` measures it)."""
+        return heldout_loss(
+            model, self.curve_blocks, batch_size=self.config.batch_size, precision=self.config.precision
+        )
+
+
+def _teacher_record(config: StudyConfig, teacher: Any, scoring: _Scoring) -> dict[str, Any]:
+    log.info("scoring the teacher on %d held-out tokens", sum(b.size for b in scoring.sets.values()))
+    started = time.perf_counter()
+    record = {"name": teacher.name, "parameters": teacher.model.num_parameters(), **scoring.score(teacher.model)}
+    record["curve_val_loss"] = scoring.loss(teacher.model)
+    record["seconds"] = time.perf_counter() - started
+    return record
+
+
+def _prepare_students(config: StudyConfig, out: Path, runs: list[Run], scoring: _Scoring) -> None:
+    """Initialize every distinct student of ``runs`` once and add its step-0 loss on the curve's blocks."""
+    for path, (arm_name, seed) in {student_dir(out, STUDY_ARMS[a], s): (a, s) for _, a, s in runs}.items():
         if not (path / "init_report.json").is_file():
             run_init(config.init_config(STUDY_ARMS[arm_name], seed, str(path)))
         report = json.loads((path / "init_report.json").read_text())
         if "step0_val_loss" not in report:
             student, _, _ = load_hf_directory(path, torch.float32)
-            report["step0_val_loss"] = heldout_loss(
-                student, val_blocks, batch_size=config.batch_size, precision=config.precision
-            )
+            report["step0_val_loss"] = scoring.loss(student)
             (path / "init_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _build_teacher_cache(config: StudyConfig, out: Path, teacher: Any, data: Any) -> Path | None:
-    if not any(STUDY_ARMS[arm].loss != "ce" for arm, _ in config.runs()):
-        return None
-    path = out / "teacher-cache"
+class _Teacher:
+    """The teacher, loaded on first use and dropped before training (runs read its cache)."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config, self.loaded = config, None
+
+    def get(self) -> Any:
+        if self.loaded is None:
+            self.loaded = load_teacher(self.config.teacher)
+        return self.loaded
+
+    def drop(self) -> None:
+        self.loaded = None
+
+
+def _build_teacher_cache(config: StudyConfig, out: Path, loader: _Teacher, data: PackedData, budget: int) -> Path:
+    """The teacher cache of a budget's runs: exactly the blocks they read, the same on every machine."""
+    path = out / "teacher-cache" / str(budget)
     if not (path / "manifest.json").is_file():
-        samples = config.max_steps * config.batch_size
+        teacher = loader.get()
+        samples = config.steps(budget) * config.batch_size
         blocks = np.unique(DataOrder(len(data.train), config.data_seed).blocks(0, samples))
         log.info("caching the teacher's top-%d distributions on the %d blocks the runs read", config.top_k, len(blocks))
         started = time.perf_counter()
@@ -151,158 +208,140 @@ def _curve(run: Path) -> list[dict[str, float]]:
     ]
 
 
-def collect_results(config: StudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
-    """Gather the finished runs into the results: per arm and seed, then means and spreads over seeds.
-
-    The gap closed of a run is measured against the `random` run of the same seed when there is one (the pairing
-    removes the data-independent part of the seed-to-seed noise), else against the mean of the `random` runs; it is
-    None (null) where that baseline is not worse than the teacher. The environment holds the precision the runs
-    recorded.
-
-    Args:
-        config: the study's config.
-        out: the study directory.
-        partial: skip unfinished runs instead of refusing them.
-    """
-    teacher_file = out / "teacher.json"
-    if not teacher_file.is_file():
-        raise LmdistillError(f"{out} holds no study results yet (no teacher.json)")
-    teacher = json.loads(teacher_file.read_text())
-    per_run: dict[str, list[dict[str, Any]]] = {}
-    for arm_name, seed in config.runs():
-        run = run_dir(out, arm_name, seed)
-        summary = _finished(run)
-        if summary is None:
-            if partial:
-                continue
-            raise LmdistillError(f"run {run} has not finished")
-        student = json.loads((student_dir(out, STUDY_ARMS[arm_name], seed) / "init_report.json").read_text())
-        per_run.setdefault(arm_name, []).append(
-            {
-                "seed": seed,
-                "val_loss": summary["val_loss"],
-                "val_ppl": summary["val_ppl"],
-                "step0_val_loss": student["step0_val_loss"],
-                "explained_variance": student["explained_variance"],
-                "tokens": summary["tokens"],
-                "seconds": summary["seconds"],
-                "tokens_per_s": summary["tokens_per_s"],
-                "curve": _curve(run),
-            }
-        )
-    if not per_run:
-        raise LmdistillError(f"no run of the study in {out} has finished yet")
-    base = {r["seed"]: r for r in per_run.get("random", [])}
-    arms: dict[str, Any] = {}
-    for arm_name, runs in per_run.items():
-        arm = STUDY_ARMS[arm_name]
-        for r in runs:
-            if not base:  # no `random` arm, no baseline
-                r.update(gap_closed_loss=None, gap_closed_ppl=None)
-                continue
-            mean_base = {k: statistics.mean(b[k] for b in base.values()) for k in ("val_loss", "val_ppl")}
-            r.update(gap_closed_forms(base.get(r["seed"], mean_base), r, teacher))
-        summary = {"init": arm.init, "pca": arm.pca if arm.init.startswith("guide") else None, "loss": arm.loss}
-        for key in ("val_loss", "val_ppl", "gap_closed_loss", "gap_closed_ppl", "step0_val_loss", "seconds"):
-            values = [r[key] for r in runs]
-            summary[key] = None if None in values else statistics.mean(values)
-            summary[f"{key}_std"] = None if None in values else spread(values)
-        summary.update(seeds=[r["seed"] for r in runs], tokens=runs[0]["tokens"], per_seed=runs)
-        arms[arm_name] = summary
-    first_student = student_dir(out, STUDY_ARMS[next(iter(per_run))], per_run[next(iter(per_run))][0]["seed"])
-    results = {
-        "teacher": teacher,
-        "student": json.loads((first_student / "init_report.json").read_text())["student"],
-        "arms": arms,
-        "setup": {
-            "train_tokens_per_run": config.max_steps * config.batch_size * config.seq_len,
-            "max_steps": config.max_steps,
-            "eval_tokens": config.eval_tokens // config.seq_len * config.seq_len,
-        },
-        "runs_finished": sum(len(runs) for runs in per_run.values()),
-        "runs_planned": len(config.runs()),
-        "config": vars(config),
-        "environment": environment(recorded_precision(run_dir(out, a, r["seed"]) for a in per_run for r in per_run[a])),
-    }
-    cache = out / "teacher-cache"
-    if (cache / "build.json").is_file():
-        results["teacher_cache"] = {
-            "blocks": json.loads((cache / "manifest.json").read_text())["num_blocks"],
-            "seconds": json.loads((cache / "build.json").read_text())["seconds"],
-        }
-    return results
+def _run_record(config: StudyConfig, out: Path, run: Run, summary: dict[str, Any], scoring: _Scoring) -> dict:
+    """The record of a finished run: what the results need, so that they never read a run directory."""
+    budget, arm_name, seed = run
+    directory = run_dir(out, *run)
+    student = json.loads((student_dir(out, STUDY_ARMS[arm_name], seed) / "init_report.json").read_text())
+    env = json.loads((directory / "environment.json").read_text())
+    model, _, _ = load_hf_directory(Path(summary["final"]), torch.float32)
+    record = {"budget": budget, "arm": arm_name, "seed": seed, **scoring.score(model)}
+    cache = out / "teacher-cache" / str(budget) / "build.json"
+    record.update(
+        tokens=summary["tokens"],
+        seconds=summary["seconds"],
+        tokens_per_s=summary["tokens_per_s"],
+        precision=env["precision"],
+        precision_reason=env["precision_reason"],
+        cpu=env.get("cpu"),
+        curve=_curve(directory),
+        step0_val_loss=student["step0_val_loss"],
+        explained_variance=student["explained_variance"],
+        student=student["student"],
+        weights_sha256=sha256_file(Path(summary["final"]) / "model.safetensors"),
+        teacher_cache_seconds=json.loads(cache.read_text())["seconds"] if cache.is_file() else None,
+    )
+    return record
 
 
-def write_results(config: StudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
-    """Collect the results and write results.json, report.md, curves.png and gap.png; return the results."""
-    results = collect_results(config, out, partial=partial)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def write_results(config: StudyConfig, *, partial: bool = False) -> dict[str, Any]:
+    """Collect the records into results.json, report.md, curves.png, gap.png and budgets.png; return the results."""
+    results_path = results_dir(config)
+    results = collect_results(config, results_path, partial=partial)
+    (results_path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if undefined_gap_seeds(results):
         log.warning("the gap closed is undefined for some seeds (null): the teacher is not better than `random`")
-    write_report(results, out / "report.md")
-    write_plots(results, out)
-    results["written_to"] = str(out)
+    write_report(results, results_path / "report.md")
+    write_plots(results, results_path)
+    results["written_to"] = str(results_path)
     return results
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _pending(config: StudyConfig) -> list[Run]:
+    """The runs to train: --only's, else those without a record."""
+    if config.only:
+        return [run for run in config.runs() if run_name(*run) in config.only]
+    return [run for run in config.runs() if not record_path(results_dir(config), *run).is_file()]
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
-    """Run (or continue) a study and write results.json, report.md, curves.png and gap.png.
+    """Run (or continue) a study and write its results; with `--only`, just train those runs.
 
     Args:
         config: the resolved `StudyConfig`.
 
     Returns:
-        The results (as in `results.json`), plus `written_to`: the study directory.
+        The results (as in `results.json`), plus `written_to`: the results directory; with `--only`, the runs'
+        summaries under `runs`.
     """
-    out = Path(config.out)
+    out, results_path = Path(config.out), results_dir(config)
     if config.report_only:
-        return write_results(config, out, partial=True)
-    check_resumable(config, out, growable=("arms", "ablations", "seeds", "ablation_seeds"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study_config.yaml").write_text(to_yaml(config))
-    teacher = load_teacher(config.teacher)
+        return write_results(config, partial=True)
+    check_resumable(config, out, growable=GROWABLE)
+    if not config.only and results_path != out:
+        check_resumable(config, results_path, growable=GROWABLE)
+    for directory in {out} if config.only else {out, results_path}:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "study_config.yaml").write_text(to_yaml(config))
+    pending = _pending(config)
+    if not pending and teacher_record_path(results_path).is_file():
+        return write_results(config)
+    teacher = _Teacher(config)
     # the precision of the study's own forward passes (teacher, step-0 losses, teacher cache); runs record theirs
-    precision = resolve_precision(next(teacher.model.parameters()).device, config.precision)
+    precision = resolve_precision(next(teacher.get().model.parameters()).device, config.precision)
     (out / "environment.json").write_text(json.dumps(environment(precision), indent=2) + "\n")
+    data = prepare_data(config.data, teacher.get().tokenizer, config.seq_len, val_fraction=config.val_fraction)
+    scoring = _Scoring(config, data)
+    if not config.only and not teacher_record_path(results_path).is_file():
+        _write_json(teacher_record_path(results_path), _teacher_record(config, teacher.get(), scoring))
+    _prepare_students(config, out, pending, scoring)
+    summaries = _train_runs(config, pending, teacher, data, scoring)
+    return {"runs": summaries, "written_to": str(out)} if config.only else write_results(config)
 
-    data = prepare_data(config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction)
-    val_blocks = data.val[: max(1, config.eval_tokens // config.seq_len)]  # the blocks `lmdistill train` evaluates on
-    _measure_teacher(config, out, teacher, val_blocks)
-    cache = _build_teacher_cache(config, out, teacher, data)
-    del teacher
-    _prepare_students(config, out, val_blocks)
 
-    runs = config.runs()
+def _train_runs(
+    config: StudyConfig, pending: list[Run], teacher: _Teacher, data: PackedData, scoring: _Scoring
+) -> dict[str, Any]:
+    """Train the pending runs in order, recording each as it finishes (with `--only`, no records)."""
+    out = Path(config.out)
     step_tokens = config.batch_size * config.seq_len
     overall = tqdm(
-        total=len(runs) * config.max_steps * step_tokens,
-        initial=sum(_steps_done(run_dir(out, arm, seed), config.max_steps) for arm, seed in runs) * step_tokens,
+        total=sum(config.steps(budget) for budget, _, _ in pending) * step_tokens,
+        initial=sum(_steps_done(run_dir(out, *run)) for run in pending) * step_tokens,
         unit="tok",
         unit_scale=True,
         desc="study",
         dynamic_ncols=True,
         disable=not config.progress,
     )
-    for i, (arm_name, seed) in enumerate(runs, start=1):
-        run = run_dir(out, arm_name, seed)
-        if _finished(run):
-            continue
-        overall.set_description(f"study: run {i}/{len(runs)} {arm_name} seed {seed}")
+    summaries = {}
+    for i, run in enumerate(pending, start=1):
+        budget, arm_name, seed = run
+        overall.set_description(f"study: run {i}/{len(pending)} {run_name(*run)}")
         arm = STUDY_ARMS[arm_name]
+        cache = _build_teacher_cache(config, out, teacher, data, budget) if arm.loss != "ce" else None
+        teacher.drop()
+        directory = run_dir(out, *run)
         train_config = config.train_config(
             arm,
+            budget,
             student=str(student_dir(out, arm, seed)),
-            out=str(run),
+            out=str(directory),
             teacher_cache=str(cache) if cache else None,
-            resume=latest_checkpoint(run / "checkpoints") is not None,
+            resume=latest_checkpoint(directory / "checkpoints") is not None,
         )
-        run_train(train_config, on_step=lambda record: overall.update(step_tokens))
+        summary = _summary(directory) or run_train(train_config, on_step=lambda record: overall.update(step_tokens))
+        summaries[run_name(*run)] = summary
+        if not config.only:
+            _write_json(record_path(results_dir(config), *run), _run_record(config, out, run, summary, scoring))
+            write_results(config, partial=True)
     overall.close()
-    return write_results(config, out)
+    return summaries
 
 
-def _steps_done(run: Path, max_steps: int) -> int:
-    if _finished(run):
-        return max_steps
+def _summary(run: Path) -> dict[str, Any] | None:
+    path = run / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _steps_done(run: Path) -> int:
+    summary = _summary(run)
+    if summary:
+        return summary["steps"]
     checkpoint = latest_checkpoint(run / "checkpoints")
     return json.loads((checkpoint / "meta.json").read_text())["step"] if checkpoint else 0

@@ -54,7 +54,7 @@ from lmdistill.config.schema import (
     override,
     to_yaml,
 )
-from lmdistill.config.study import STUDY_ARMS, DemoConfig, StudyArm, StudyConfig
+from lmdistill.config.study import STUDY_ARMS, DemoConfig, StudyArm, StudyConfig, run_name
 
 __all__ = [
     "RATIONALE_STUDY_ARMS",
@@ -101,5 +101,6 @@ __all__ = [
     "flag",
     "load_yaml",
     "override",
+    "run_name",
     "to_yaml",
 ]

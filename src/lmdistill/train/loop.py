@@ -47,7 +47,7 @@ from lmdistill.config import TrainConfig, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
-from lmdistill.evaluation import heldout_loss, perplexity
+from lmdistill.evaluation import heldout_loss, perplexity, spread_blocks
 from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.objective import LMLoss, shifted_labels
@@ -265,7 +265,7 @@ class PackedTrainData:
                     f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without "
                     "--samples)"
                 )
-        self.val_blocks = self.data.val[: max(1, config.eval_tokens // config.seq_len)]
+        self.val_blocks = spread_blocks(self.data.val, config.eval_tokens)
 
     def __len__(self) -> int:
         return len(self.data.train)
