@@ -149,7 +149,7 @@ def token_multiplier(
         largest budget (the multiplier is larger than that), ``(smallest / budget, "below")`` when it is above the
         baseline's loss at its smallest budget (the multiplier is smaller).
     """
-    if loss >= base_losses[0]:
+    if loss > base_losses[0]:
         return budgets[0] / budget, "below"
     for (b0, l0), (b1, l1) in zip(zip(budgets, base_losses), zip(budgets[1:], base_losses[1:])):
         if l0 >= loss >= l1:
