@@ -97,9 +97,9 @@ def pca_projection(
 ) -> Projection:
     """The projection M: top right singular vectors of the (optionally centered or frequency-weighted) table.
 
-    Everything is computed from the d_T x d_T Gram matrix E^T E (one float32 pass over the V x d_T table,
-    eigendecomposition in float64). Column signs are fixed so the entry of largest magnitude is positive, which makes
-    M deterministic.
+    Everything is computed from the d_T x d_T Gram matrix E^T E ("frequency": also E^T diag(w) E), each one float32
+    pass over the V x d_T table, eigendecomposition in float64. Column signs are fixed so the entry of largest
+    magnitude is positive, which makes M deterministic.
 
     LayerNorm models: every read of the residual stream goes through a LayerNorm, which removes the component along
     the all-ones vector 1, so that component never affects any output. M then projects it away: M = M' U with M' the
