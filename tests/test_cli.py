@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_teacher
+from conftest import randomize, save_tiny_teacher, tiny_config, tiny_tokenizer, write_corpus
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.cli import main
+from lmdistill.data.packed import prepare_data
+from lmdistill.init.guide import PCA_MODES, pca_projection, token_distribution
 
 SMALL = [
     "--hidden-size",
@@ -99,6 +102,76 @@ def test_bad_inputs_give_one_line_errors(teacher_dir, tmp_path, capsys):
     (occupied / "keep.txt").write_text("x")
     assert "exists and is not empty" in error_of(capsys, "--teacher", teacher_dir, "--out", occupied)
     assert (occupied / "keep.txt").exists()
+
+
+FREQUENCY_DATA = ["--seq-len", "16", "--val-fraction", "0.2"]
+
+
+def embeddings(directory: Path) -> torch.Tensor:
+    return load_file(directory / "model.safetensors")["model.embed_tokens.weight"]
+
+
+def test_pca_frequency_weights_the_rows_by_the_training_blocks_and_reports_every_mode(
+    teacher_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("LMDISTILL_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "freq"
+    assert (
+        run("--teacher", teacher_dir, *SMALL, "--pca", "frequency", "--data", corpus, *FREQUENCY_DATA, "--out", out)
+        == 0
+    )
+    report = json.loads((out / "init_report.json").read_text())
+    assert report["pca"] == "frequency" and list(report["explained_energy"]) == list(PCA_MODES)
+    data = prepare_data([str(corpus)], AutoTokenizer.from_pretrained(teacher_dir), 16, val_fraction=0.2)
+    assert report["token_counts"]["tokens"] == data.train.size and len(data.val)  # the training blocks only
+    assert report["token_counts"]["data"] == data.fingerprint
+    teacher = embeddings(teacher_dir)
+    m = pca_projection(teacher, 16, "frequency", frequencies=token_distribution(data.train, teacher.shape[0])).matrix
+    torch.testing.assert_close(embeddings(out), teacher @ m, rtol=0, atol=1e-6)
+    energy = report["explained_energy"]
+    assert energy["frequency"]["used_tokens"] > energy["uncentered"]["used_tokens"]
+    assert energy["frequency"]["table"] == report["explained_variance"] < energy["uncentered"]["table"]
+    assert "of the used tokens' energy: uncentered" in capsys.readouterr().out
+
+
+def test_data_leaves_the_other_modes_unchanged_and_adds_their_used_token_energy(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMDISTILL_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus")
+    plain, counted = tmp_path / "plain", tmp_path / "counted"
+    assert run("--teacher", teacher_dir, *SMALL, "--out", plain) == 0
+    assert run("--teacher", teacher_dir, *SMALL, "--data", corpus, *FREQUENCY_DATA, "--out", counted) == 0
+    assert torch.equal(embeddings(plain), embeddings(counted))
+    without, with_data = (json.loads((d / "init_report.json").read_text()) for d in (plain, counted))
+    assert without["explained_energy"] is None and without["token_counts"] is None
+    assert with_data["explained_energy"]["uncentered"]["table"] == with_data["explained_variance"]
+    assert with_data["explained_variance"] == without["explained_variance"]
+
+
+def test_training_data_beyond_the_teacher_vocabulary_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LMDISTILL_CACHE", str(tmp_path / "cache"))
+    config = tiny_config("llama")
+    config.vocab_size = 64  # the tokenizer has 96 ids
+    teacher = tmp_path / "teacher"
+    randomize(AutoModelForCausalLM.from_config(config)).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "doc00.txt").write_text((corpus / "doc00.txt").read_text() + " w80")
+    args = (
+        "--teacher",
+        teacher,
+        *SMALL,
+        "--pca",
+        "frequency",
+        "--data",
+        corpus,
+        *FREQUENCY_DATA,
+        "--out",
+        tmp_path / "s",
+    )
+    assert "holds token id 80, beyond the teacher's embedding table of 64 rows" in error_of(capsys, *args)
+    short = ("--teacher", teacher, "--pca", "frequency", "--seq-len", 1, "--out", tmp_path / "s")
+    assert "--seq-len must be at least 2" in error_of(capsys, *short)
 
 
 def test_unknown_command_and_unknown_choice_are_refused(capsys):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_teacher
+from conftest import VOCAB, tiny_teacher, tiny_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM
 
+from lmdistill.data.corpus import hash_fraction
+from lmdistill.data.packed import prepare_data
+from lmdistill.errors import LmdistillError
 from lmdistill.init.build import build_student
-from lmdistill.init.guide import pca_projection
+from lmdistill.init.guide import PCA_MODES, explained_energy, pca_projection, token_distribution
 from lmdistill.init.select import block_indices, uniform_indices
 from lmdistill.models.adapters import ModelShape, adapter_for
 from lmdistill.models.shape import derive_student_shape
@@ -197,6 +201,70 @@ def test_random_projection_is_a_seeded_orthonormal_basis_that_keeps_less_than_pc
         torch.testing.assert_close(m.sum(dim=1), torch.zeros(32, dtype=torch.float64), rtol=0, atol=1e-6)
     assert torch.equal(a.matrix, b.matrix) and not torch.allclose(a.matrix, c.matrix)
     assert a.explained_variance < pca_projection(embed, width, "uncentered", layer_norm).explained_variance
+
+
+def anisotropic_table(seed: int) -> torch.Tensor:
+    """A [VOCAB, 32] table whose directions carry very different energies, with a nonzero mean row."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(VOCAB, 32, generator=generator) * torch.linspace(0.2, 2.0, 32) + 0.3
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_frequency_projection_with_equal_shares_is_the_uncentered_one(layer_norm):
+    embed = anisotropic_table(6)
+    equal = torch.full((VOCAB,), 1.0 / VOCAB, dtype=torch.float64)
+    frequency = pca_projection(embed, 8, "frequency", layer_norm, frequencies=equal)
+    uncentered = pca_projection(embed, 8, "uncentered", layer_norm)
+    torch.testing.assert_close(frequency.matrix, uncentered.matrix, rtol=0, atol=1e-5)
+    assert frequency.explained_variance == pytest.approx(uncentered.explained_variance, rel=1e-6)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_frequency_projection_keeps_more_of_the_used_tokens_energy_and_less_of_the_table(layer_norm):
+    embed, width = anisotropic_table(7), 8
+    frequencies = torch.zeros(VOCAB, dtype=torch.float64)
+    frequencies[[3, 10, 40, 41, 77]] = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    energy = explained_energy(embed, width, frequencies, layer_norm)
+    assert list(energy) == list(PCA_MODES)
+    frequency, uncentered = energy["frequency"], energy["uncentered"]
+    assert frequency["used_tokens"] > uncentered["used_tokens"] + 0.05  # PCA's optimality under the weighting
+    assert frequency["used_tokens"] > 0.999  # 5 used tokens span 5 of the 8 kept directions
+    assert frequency["table"] < uncentered["table"]
+    for mode, kept in energy.items():
+        m = pca_projection(embed, width, mode, layer_norm, frequencies=frequencies).matrix
+        rows = embed - embed.mean(1, keepdim=True) if layer_norm else embed  # the part the model sees
+        expected = (frequencies.float() @ (embed @ m).square().sum(1)) / (frequencies.float() @ rows.square().sum(1))
+        assert kept["used_tokens"] == pytest.approx(expected.item(), rel=1e-4), mode
+        assert (
+            kept["table"] == pca_projection(embed, width, mode, layer_norm, frequencies=frequencies).explained_variance
+        )
+
+
+def test_the_frequency_projection_needs_frequencies_of_every_token():
+    with pytest.raises(ValueError, match="share of each of the 96 tokens"):
+        pca_projection(anisotropic_table(8), 8, "frequency")
+    with pytest.raises(ValueError, match="share of each of the 96 tokens"):
+        pca_projection(anisotropic_table(8), 8, "frequency", frequencies=torch.ones(10))
+
+
+def test_token_distribution_counts_the_training_blocks_only(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    held_out = next(p for p in sorted(corpus.iterdir()) if hash_fraction(p.name) < 0.2)  # a validation document
+    held_out.write_text(held_out.read_text() + " w80" * 50)
+    data = prepare_data([str(corpus)], tiny_tokenizer(), 16, val_fraction=0.2, cache=tmp_path / "cache")
+    assert 80 in data.val and 80 not in data.train
+    shares = token_distribution(data.train, VOCAB)
+    assert shares[80] == 0 and shares.sum().item() == pytest.approx(1.0)
+    expected = np.bincount(data.train.ravel(), minlength=VOCAB) / data.train.size
+    np.testing.assert_array_equal(shares.numpy(), expected)
+
+
+def test_token_ids_beyond_the_embedding_table_are_refused_in_one_line():
+    blocks = np.array([[3, 4, 70], [5, 6, 7]], dtype=np.uint16)
+    with pytest.raises(LmdistillError, match="token id 70, beyond the teacher's embedding table of 64 rows") as info:
+        token_distribution(blocks, 64)
+    assert "\n" not in str(info.value)
+    assert token_distribution(blocks, 71)[70] == pytest.approx(1 / 6)  # a padded table is fine
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

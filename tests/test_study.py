@@ -182,6 +182,14 @@ def test_every_arm_has_its_description_in_the_report_table():
     assert [row.split(" | ")[1] for row in rows] == [arm.description for arm in STUDY_ARMS.values()]
 
 
+def test_the_guide_freq_arm_counts_the_tokens_of_the_study_training_data():
+    config = StudyConfig(out="study", data=["corpus"], seq_len=16, val_fraction=0.2)
+    init = config.init_config(STUDY_ARMS["guide-freq"], 1, "students/x")
+    assert (init.method, init.pca, init.seed) == ("guide", "frequency", 1)
+    assert (init.data, init.seq_len, init.val_fraction) == (["corpus"], 16, 0.2)
+    assert student_dir(Path("study"), STUDY_ARMS["guide-freq"], 1).name == "guide-frequency-seed1"
+
+
 def test_report_only_reports_the_finished_runs_of_an_unfinished_study(tmp_path):
     config = StudyConfig(out=str(tmp_path), arms=["random", "guide"], seeds=[0, 1], report_only=True)
     fake_teacher(tmp_path, 3.0)

@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from lmdistill.config import InitConfig, to_yaml
 from lmdistill.data import builtin_sample_text
+from lmdistill.data.packed import prepare_data
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluation import heldout_loss, perplexity, token_blocks
-from lmdistill.init.build import build_student
+from lmdistill.init.build import GUIDE_METHODS, build_student
+from lmdistill.init.guide import token_distribution
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher, teacher_config, teacher_source
 from lmdistill.models.shape import derive_student_shape
@@ -38,7 +42,8 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         config: the resolved `InitConfig`.
 
     Returns:
-        The init report: method, teacher, shapes, parameter counts, explained variance, seconds, step-0 losses.
+        The init report: method, teacher, shapes, parameter counts, explained variance (and, given token counts, the
+        energy every PCA mode keeps), seconds, step-0 losses.
     """
     out = Path(config.out)
     _check_out(out, config.teacher, overwrite=config.overwrite)
@@ -52,9 +57,12 @@ def run_init(config: InitConfig) -> dict[str, Any]:
     log.info("loading teacher %s", config.teacher)
     teacher = load_teacher(config.teacher)
 
+    frequencies, counted = _token_counts(config, teacher)
     log.info("initializing a %s student with %s", shape, config.method)
     start = time.perf_counter()
-    result = build_student(teacher.model, shape, config.method, pca=config.pca, seed=config.seed)
+    result = build_student(
+        teacher.model, shape, config.method, pca=config.pca, seed=config.seed, frequencies=frequencies
+    )
     init_seconds = time.perf_counter() - start
 
     log.info("measuring step-0 held-out loss on the built-in sample")
@@ -78,6 +86,8 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         "student": {"shape": vars(shape), "parameters": result.student.num_parameters()},
         "pca": config.pca if result.projection is not None else None,
         "explained_variance": result.explained_variance,
+        "explained_energy": result.energy,
+        "token_counts": counted,
         "init_seconds": init_seconds,
         "step0": {
             "text": f"built-in sample, {sample.numel()} tokens in blocks of {SAMPLE_SEQ_LEN}",
@@ -95,6 +105,23 @@ def run_init(config: InitConfig) -> dict[str, Any]:
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (staging / CONFIG).write_text(to_yaml(config))
     return report
+
+
+def _token_counts(config: InitConfig, teacher: Any) -> tuple[Tensor | None, dict[str, Any] | None]:
+    """The tokens' shares in the training blocks of --data, and what was counted; (None, None) where init reads no
+    data (not a guide method, or neither --pca frequency nor --data)."""
+    if config.method not in GUIDE_METHODS or (config.pca != "frequency" and config.data is None):
+        return None, None
+    log.info("counting the tokens of the training data")
+    data = prepare_data(config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction)
+    frequencies = token_distribution(data.train, teacher.model.get_input_embeddings().weight.shape[0])
+    counted = {
+        "data": data.fingerprint,
+        "train_blocks": len(data.train),
+        "tokens": int(data.train.size),
+        "distinct_tokens": int((frequencies > 0).sum()),
+    }
+    return frequencies, counted
 
 
 def _check_out(out: Path, teacher: str, *, overwrite: bool) -> None:
@@ -145,6 +172,11 @@ def format_report(report: dict[str, Any], out: str) -> str:
     ]
     if report["explained_variance"] is not None:
         lines.append(f"  PCA       {report['pca']}, explained variance {report['explained_variance']:.3f}")
+    if report["explained_energy"] is not None:
+        kept = ", ".join(
+            f"{mode} {e['table']:.3f} / {e['used_tokens']:.3f}" for mode, e in report["explained_energy"].items()
+        )
+        lines.append(f"  kept      of the table / of the used tokens' energy: {kept}")
     lines.append(f"  init      {report['init_seconds']:.2f} s")
     lines.append(f"  step-0 held-out loss ({report['step0']['text']}; judge methods after training, not here):")
     for name in ("student", "random", "teacher"):

@@ -17,7 +17,16 @@ SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "inter
 
 
 @dataclass
-class InitConfig:
+@override(
+    help={
+        "data": "guide methods: training text whose token counts weight --pca frequency and measure what every PCA "
+        "mode keeps of the used tokens' energy (read when given, and by --pca frequency: default the built-in "
+        "offline corpus)",
+        "seq_len": "tokens per training block: train's, so the counts are those of its training blocks",
+        "val_fraction": "share of documents held out (--data only); their tokens are not counted",
+    }
+)
+class InitConfig(Corpus):
     """`lmdistill init`: build a student from a teacher and write it as a Hugging Face directory."""
 
     teacher: str = field(
@@ -41,8 +50,8 @@ class InitConfig:
     pca: PCAMode = field(
         default="uncentered",
         metadata={
-            "help": "GUIDE projection: SVD of the embeddings, PCA of centered ones, or a random orthonormal basis "
-            "(ablation)"
+            "help": "GUIDE projection: SVD of the embeddings, PCA of centered ones, a random orthonormal basis "
+            "(ablation), or SVD of the rows weighted by their tokens' frequency in the training data (--data)"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random initialization of what is not transferred"})
@@ -54,6 +63,8 @@ class InitConfig:
         check_required(self, "out", "the directory to write the student to")
         check_ranges(self, SHAPE_FIELDS, 1)
         check_ranges(self, ["seed"], 0)
+        check_ranges(self, ["seq_len"], 2)
+        check_ranges(self, ["val_fraction"], 0, 1, exclusive=True)
 
     def student_sizes(self) -> dict[str, int | None]:
         """The shape flags, as keyword arguments of `derive_student_shape`."""

@@ -42,6 +42,9 @@ STUDY_ARMS: dict[str, StudyArm] = {
     "guide-random-projection": StudyArm(
         "guide", "ce", "GUIDE with a random orthonormal projection, cross-entropy", "random"
     ),
+    "guide-freq": StudyArm(
+        "guide", "ce", "GUIDE with PCA of the frequency-weighted embeddings, cross-entropy", "frequency"
+    ),
     "weight-selection+kd": StudyArm("weight-selection", "kd", "weight selection, distillation"),
 }
 
@@ -160,9 +163,10 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         return order
 
     def init_config(self, arm: StudyArm, seed: int, out: str) -> InitConfig:
-        """The `lmdistill init` settings of an arm's student."""
+        """The `lmdistill init` settings of an arm's student; token counts come from the study's training data."""
         sizes = {name: getattr(self, name) for name in STUDY_SHAPE}
-        return InitConfig(teacher=self.teacher, method=arm.init, pca=arm.pca, seed=seed, out=out, **sizes)
+        data = fields_of(self, Corpus)
+        return InitConfig(teacher=self.teacher, method=arm.init, pca=arm.pca, seed=seed, out=out, **sizes, **data)
 
     def train_config(
         self, arm: StudyArm, budget: int, *, student: str, out: str, teacher_cache: str | None, resume: bool = False

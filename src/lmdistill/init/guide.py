@@ -24,13 +24,17 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from lmdistill.errors import LmdistillError
 from lmdistill.init.select import map_width
 from lmdistill.models.adapters import BlockWeights, ModelWeights, Norm
 
-PCAMode = Literal["uncentered", "centered", "random"]
+PCAMode = Literal["uncentered", "centered", "random", "frequency"]
+PCA_MODES: tuple[str, ...] = PCAMode.__args__
+FREQUENCY_FLOOR = 0.01  # share of the "frequency" weights spread evenly over the vocabulary (see `pca_projection`)
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,61 @@ class Projection:
     explained_variance: float  # ||E M||^2 / ||E||^2; for LayerNorm models over ||E C||^2, the part the model sees
 
 
-def pca_projection(
-    embed: Tensor, width: int, mode: PCAMode = "uncentered", layer_norm: bool = False, seed: int = 0
-) -> Projection:
-    """The projection M: top right singular vectors of the (optionally centered) embedding table.
+def token_distribution(train: np.ndarray, rows: int) -> Tensor:
+    """The share f_v of each token id v among the training blocks' tokens.
 
-    Everything is computed from the d_T x d_T Gram matrix E^T E (one float32 pass over the V x d_T table,
-    eigendecomposition in float64). Column signs are fixed so the entry of largest magnitude is positive, which makes
-    M deterministic.
+    Args:
+        train: the training blocks [N, L] of `PackedData.train` (never the validation blocks).
+        rows: rows V of the teacher's embedding table.
+
+    Returns:
+        f [V] float64, summing to 1; 0 for a token the blocks never use.
+
+    Raises:
+        LmdistillError: a block holds a token id without an embedding row.
+    """
+    counts = np.bincount(np.asarray(train).ravel(), minlength=rows)
+    if len(counts) > rows:
+        raise LmdistillError(
+            f"the training data holds token id {len(counts) - 1}, beyond the teacher's embedding table of {rows} rows: "
+            "its tokenizer and embeddings do not share a vocabulary"
+        )
+    return torch.from_numpy(counts / counts.sum())
+
+
+def second_moment(embed: Tensor, weights: Tensor | None = None) -> Tensor:
+    """sum_v w_v e_v^T e_v = E^T diag(w) E [d_T, d_T] in float64 from one float32 pass over the table (w = 1: None)."""
+    e = embed.detach().float()
+    return (e.T @ (e if weights is None else weights.float()[:, None] * e)).double()
+
+
+def _visible(gram: Tensor, layer_norm: bool) -> Tensor:
+    """C G C (C = I - 11^T/d_T) for LayerNorm models, which never see the all-ones component; else G."""
+    if not layer_norm:
+        return gram
+    centering = torch.eye(gram.shape[0], dtype=torch.float64) - 1.0 / gram.shape[0]
+    return centering @ gram @ centering
+
+
+def kept_energy(gram: Tensor, m: Tensor, layer_norm: bool = False) -> float:
+    """The share tr(M^T G M) / tr(G) of a second moment G that the projection M keeps (LayerNorm: over tr(C G C))."""
+    m = m.double()
+    return float(torch.trace(m.T @ gram @ m) / torch.trace(_visible(gram, layer_norm)))
+
+
+def pca_projection(
+    embed: Tensor,
+    width: int,
+    mode: PCAMode = "uncentered",
+    layer_norm: bool = False,
+    seed: int = 0,
+    frequencies: Tensor | None = None,
+) -> Projection:
+    """The projection M: top right singular vectors of the (optionally centered or frequency-weighted) table.
+
+    Everything is computed from the d_T x d_T Gram matrix E^T E ("frequency": also E^T diag(w) E), each one float32
+    pass over the V x d_T table, eigendecomposition in float64. Column signs are fixed so the entry of largest
+    magnitude is positive, which makes M deterministic.
 
     LayerNorm models: every read of the residual stream goes through a LayerNorm, which removes the component along
     the all-ones vector 1, so that component never affects any output. M then projects it away: M = M' U with M' the
@@ -61,9 +112,14 @@ def pca_projection(
         width: d_S <= d_T (at least 2 with `layer_norm`).
         mode: "uncentered" (SVD of E_T) or "centered" (PCA of E_T minus its mean row). Either way the student's
             embeddings are E_T M; centering only changes which subspace M spans. "random": a seeded random orthonormal
-            basis instead of the singular vectors (the ablation that isolates the value of PCA).
+            basis instead of the singular vectors (the ablation that isolates the value of PCA). "frequency": the
+            top eigenvectors of sum_v w_v e_v^T e_v, the rows weighted by how often text uses them, so M keeps most
+            of the used tokens' energy: w = (1 - FLOOR) f + FLOOR / V with f the tokens' shares in the training data
+            and FLOOR = `FREQUENCY_FLOOR`, so tokens the data never uses keep a small equal weight (directions the
+            used tokens leave free follow the table). Equal shares give the "uncentered" M.
         layer_norm: whether the model's norms are LayerNorms (see above).
         seed: seeds the basis of the "random" mode.
+        frequencies: f [V] (`token_distribution`), needed by the "frequency" mode only.
 
     Returns:
         M [d_T, d_S], ordered by decreasing singular value, with orthonormal columns for RMSNorm models and
@@ -71,19 +127,22 @@ def pca_projection(
     """
     e = embed.detach().float()
     vocab, d = e.shape
-    gram = (e.T @ e).double()  # [d_T, d_T]
-    visible = gram
-    if layer_norm:
-        if width < 2:
-            raise ValueError("a LayerNorm student needs a width of at least 2")
-        centering = torch.eye(d, dtype=torch.float64) - 1.0 / d  # C
-        visible = centering @ gram @ centering  # (E C)^T (E C)
+    gram = second_moment(e)  # [d_T, d_T]
+    if layer_norm and width < 2:
+        raise ValueError("a LayerNorm student needs a width of at least 2")
+    centering = torch.eye(d, dtype=torch.float64) - 1.0 / d  # C
+    visible = _visible(gram, layer_norm)  # (E C)^T (E C) for LayerNorm models
     target = visible
     if mode == "centered":
         mean = e.mean(dim=0).double()
         if layer_norm:
             mean = mean @ centering
         target = visible - vocab * torch.outer(mean, mean)
+    elif mode == "frequency":
+        if frequencies is None or frequencies.shape != (vocab,):
+            raise ValueError(f"the frequency mode needs the share of each of the {vocab} tokens")
+        weights = (1 - FREQUENCY_FLOOR) * frequencies + FREQUENCY_FLOOR / vocab
+        target = _visible(second_moment(e, weights), layer_norm)
     rank = width - 1 if layer_norm else width
     if mode == "random":
         gaussian = torch.randn(d, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -97,8 +156,33 @@ def pca_projection(
         ones_first[:, 0] = 1.0
         q, _ = torch.linalg.qr(ones_first)  # q[:, 0] is along 1, q[:, 1:] spans its complement
         m = m @ q[:, 1:].T  # [d_T, d_S]
-    kept = torch.trace(m.T @ gram @ m) / torch.trace(visible)  # ||E M||^2 / ||E||^2 (or ||E C||^2)
-    return Projection(m.float(), float(kept))
+    return Projection(m.float(), kept_energy(gram, m, layer_norm))  # ||E M||^2 / ||E||^2 (or ||E C||^2)
+
+
+def explained_energy(
+    embed: Tensor, width: int, frequencies: Tensor, layer_norm: bool = False, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """What the M of every PCA mode keeps: of the table's energy, and of the used tokens' energy sum_v f_v ||e_v||^2.
+
+    Args:
+        embed: teacher embedding table E_T [V, d_T].
+        width: d_S.
+        frequencies: f [V], the tokens' shares in the training data (`token_distribution`).
+        layer_norm: whether the model's norms are LayerNorms (energies then over the part the model sees).
+        seed: seeds the "random" mode's basis.
+
+    Returns:
+        mode -> {"table": the mode's explained variance, "used_tokens": its kept share of the weighted energy}.
+    """
+    used = second_moment(embed, frequencies)
+    energy = {}
+    for mode in PCA_MODES:
+        projection = pca_projection(embed, width, mode, layer_norm, seed, frequencies)
+        energy[mode] = {
+            "table": projection.explained_variance,
+            "used_tokens": kept_energy(used, projection.matrix, layer_norm),
+        }
+    return energy
 
 
 def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
