@@ -220,6 +220,22 @@ def test_prompts_mark_exactly_the_examples_own_text():
     assert [prompt.text[a:b] for a, b in prompt.spans] == ["P.", "H."]  # the class names are template text
 
 
+@pytest.mark.parametrize("task", list(TASKS))
+def test_explain_prompts_end_in_their_own_cue(task):
+    """The label and the rationale follow different cues: explain: ends in Rationale:, predict: in the task's own."""
+    inputs = {"premise": "P.", "hypothesis": "H."} if "premise" in TASKS[task].fields else {"input": "Where is it?"}
+    example = Example(id="1", inputs=inputs, label="b", choices=("a", "b"))
+    predict = render_prompt(example, TASKS[task].template, "predict")
+    explain = render_prompt(example, TASKS[task].template, "explain")
+    cue = TASKS[task].template.rsplit("\n", 1)[1]
+    assert cue in ("Answer:", "Equation:") and predict.text.endswith("\n" + cue)
+    assert explain.text == "explain" + predict.text.removeprefix("predict").removesuffix(cue) + "Rationale:"
+    assert [explain.text[a:b] for a, b in explain.spans] == [predict.text[a:b] for a, b in predict.spans]
+    # a template whose last line holds a field has no cue of its own: the explain prompt gets one
+    bare = render_prompt(example, "Q: {input} A:" if "input" in inputs else "{premise} {hypothesis}", "explain")
+    assert bare.text.endswith("\nRationale:") and bare.text.count("Rationale:") == 1
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [

@@ -59,7 +59,12 @@ class RationaleTraining(Engine, Generation, StudentRun):
     lambda_rationale: float = field(
         default=1.0, metadata={"help": "weight of the rationale loss (0: plain fine-tuning on labels)"}
     )
-    max_len: int = field(default=256, metadata={"help": "tokens per sequence; longer prompts lose their start"})
+    max_len: int = field(
+        default=256,
+        metadata={
+            "help": "tokens per sequence; longer ones lose tokens of the example's text (the end of its longest part)"
+        },
+    )
     val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out (at least one)"})
     data_seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the generated train split"})
 

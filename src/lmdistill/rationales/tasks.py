@@ -11,8 +11,9 @@ Tasks (``--task``):
   strings, containing the label), ``id`` and ``rationale``.
 
 A prompt is ``"{mode}: "`` (``predict`` or ``explain``) followed by the task's template filled with the example's
-fields. The character spans of the filled-in text are kept, so that the rationale words can be restricted to the
-example's own words and never come from the template.
+fields; an ``explain`` prompt ends in its own cue, ``Rationale:``, instead of the template's answer cue (see
+`explain_template`). The character spans of the filled-in text are kept, so that the rationale words can be
+restricted to the example's own words and never come from the template.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ GSM_TEST_SEED_OFFSET = 1_000_000  # reasoning-gym seeds item i with seed + i: te
 _GSM_SUFFIX = " Give the result as your final answer. Do not include units."  # reasoning-gym's instruction
 JSONL_NEEDS_DATA = "--task jsonl reads the file given by --data FILE (JSON lines: input, label, optional choices)"
 GSM_TAKES_NO_DATA = "--data does not apply to gsm-symbolic: its examples are generated from --seed"
+EXPLAIN_CUE = "Rationale:"  # the last line of an explain: prompt, where a predict: prompt has its answer cue
 _NLI_TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nEntailment, neutral or contradiction?\nAnswer:"
 
 
@@ -413,8 +415,19 @@ def check_template(template: str, task: str) -> None:
         raise LmdistillError(f"prompt template {template!r} shows none of the example's text")
 
 
+def explain_template(template: str) -> str:
+    """The template of ``explain:`` prompts: ``template`` with its last line, the answer cue (``Answer:``,
+    ``Equation:``), replaced by `EXPLAIN_CUE`; a template whose last line holds a field (no cue of its own) gets
+    ``"\\n" + EXPLAIN_CUE`` appended. The label and the rationale then follow different cues."""
+    head, newline, last = template.rpartition("\n")
+    if newline and all(name is None for _, name, _, _ in string.Formatter().parse(last)):
+        return f"{head}\n{EXPLAIN_CUE}"
+    return f"{template}\n{EXPLAIN_CUE}"
+
+
 def render_prompt(example: Example, template: str, mode: str = "predict") -> Prompt:
-    """Fill a template with an example, prefixed by ``"{mode}: "``.
+    """Fill a template with an example, prefixed by ``"{mode}: "``; an ``explain`` prompt fills
+    `explain_template` (its own cue).
 
     ``{choices}`` becomes ``"\\nChoices: (a) first (b) second ..."``, or nothing when the example has no choices.
 
@@ -426,6 +439,8 @@ def render_prompt(example: Example, template: str, mode: str = "predict") -> Pro
     Returns:
         The prompt and the spans of the example's text in it (each field value, each choice).
     """
+    if mode == "explain":
+        template = explain_template(template)
     pieces, spans = [f"{mode}: "], []
     length = len(pieces[0])
 
