@@ -22,6 +22,7 @@ from lmdistill.commands.rationales_study import (
     check_study_resumable,
     rationale_file,
     rationale_word_share,
+    rationale_word_share_any_choice,
     run_dir,
     task_dir,
     word_in,
@@ -273,9 +274,13 @@ def test_rationale_word_share_by_hand():
         # 84 and 2 occur in the equation; 42 does not
         {"id": "b", "label": "( 84.0 / 2.0 )", "words": [["84", 2.0], ["42", 1.0], ["2", 0.5]]},
     ]
-    assert rationale_word_share(records, examples) == pytest.approx(4 / 8)
-    assert rationale_word_share(records[:1], examples) == pytest.approx(2 / 5)
-    assert rationale_word_share([], examples) is None
+    assert rationale_word_share_any_choice(records, examples) == pytest.approx(4 / 8)
+    assert rationale_word_share_any_choice(records[:1], examples) == pytest.approx(2 / 5)
+    assert rationale_word_share_any_choice([], examples) is None
+    # the paper's measure: the gold answer only (Fridge, only a choice, no longer counts)
+    assert rationale_word_share(records) == pytest.approx(3 / 8)
+    assert rationale_word_share(records[:1]) == pytest.approx(1 / 5)
+    assert rationale_word_share([]) is None
     assert word_in("84", "( 84.0 / 2.0 )") and not word_in("8", "( 84.0 / 2.0 )") and not word_in("4.0", "84.0")
 
 
@@ -337,13 +342,16 @@ def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
         assert [r["words"][:1] for r in k2] == [r["words"] for r in k1] and len(k1) == 6
         examples = {e.id: e for e in load_task(task, "train")}
         for k, records in (("1", k1), ("2", k2)):
-            assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records, examples))
+            assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records))
+            any_choice = rationale_word_share_any_choice(records, examples)
+            assert result["rationale_word_share_any_choice"][k] == pytest.approx(any_choice)
     # the step-by-step rationales are the 540B model's: the training data holds them
     report = (out / "report.md").read_text()
     assert report.startswith(f"# Rationale study of `{ws / 'student'}`") and f"cqa={ws / 'teacher-cqa'}" in report
     for name in expected["cqa"]:
         assert f"| `{name}` |" in report
     assert report.count("| teacher |") == 2 and "## SVAMP" in report and "gold answer or one of the choices" in report
+    assert "occur in the gold answer (the paper's measure" in report
     assert (out / "accuracy_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / "study_config.yaml").read_text())["saliency_ks"] == [1, 2]
 

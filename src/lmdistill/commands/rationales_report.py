@@ -1,5 +1,6 @@
-"""A rationale study's report: `report.md` (per task a table of arms, the teacher and the share of rationale words
-found in the answer) and `accuracy_vs_k.png` (saliency accuracy against k beside the other arms and the teacher)."""
+"""A rationale study's report: `report.md` (per task a table of arms, the teacher and the shares of rationale words
+found in the gold answer, and in the answer or a choice) and `accuracy_vs_k.png` (saliency accuracy against k beside
+the other arms and the teacher)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,19 @@ def task_table(task: dict[str, Any]) -> str:
 
 
 def word_share_line(task: dict[str, Any]) -> str | None:
-    """One sentence: the share of rationale words that occur in the gold answer or a choice, per k."""
+    """One sentence: per k the share of rationale words that occur in the gold answer (the paper's measure), and in
+    the gold answer or one of the choices."""
     shares = task["rationale_word_share"]
     if not shares:
         return None
-    values = ", ".join(f"k = {k}: {_percent(v)}%" for k, v in shares.items())
+
+    def values(measure: dict[str, float | None]) -> str:
+        return ", ".join(f"k = {k}: {_percent(v)}%" for k, v in measure.items())
+
     return (
-        f"Saliency rationale words that occur in the gold answer or one of the choices (whole words, any case; "
-        f"{task['rationale_records']} training examples): {values}. The teacher's answers were right on "
+        f"Saliency rationale words that occur in the gold answer (the paper's measure; whole words, any case; "
+        f"{task['rationale_records']} training examples): {values(shares)}; in the gold answer or one of the choices: "
+        f"{values(task['rationale_word_share_any_choice'])}. The teacher's answers were right on "
         f"{_percent(task['train_teacher_accuracy'])}% of these examples (the rationales explain its own answer)."
     )
 

@@ -38,7 +38,7 @@ import logging
 import re
 import shutil
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -180,22 +180,37 @@ def word_in(word: str, text: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", text.lower()) is not None
 
 
-def rationale_word_share(records: Iterable[dict[str, Any]], examples: dict[str, Example]) -> float | None:
-    """The share of the rationale words of ``records`` that occur (`word_in`) in their example's gold label or any of
-    its choices; None when there are no words.
+def _word_share(records: Iterable[dict[str, Any]], texts: Callable[[dict[str, Any]], list[str]]) -> float | None:
+    """The share of the rationale words of ``records`` that occur (`word_in`) in one of ``texts(record)``."""
+    inside = total = 0
+    for record in records:
+        found = texts(record)
+        for word, _ in record["words"]:
+            total += 1
+            inside += any(word_in(word, text) for text in found)
+    return inside / total if total else None
+
+
+def rationale_word_share(records: Iterable[dict[str, Any]]) -> float | None:
+    """The paper's measure: the share of the rationale words of ``records`` (``label``, ``words``) that occur
+    (`word_in`) in their example's gold answer; None when there are no words."""
+    return _word_share(records, lambda record: [record["label"]])
+
+
+def rationale_word_share_any_choice(records: Iterable[dict[str, Any]], examples: dict[str, Example]) -> float | None:
+    """The share of the rationale words of ``records`` that occur (`word_in`) in their example's gold answer or any
+    of its choices; None when there are no words.
 
     Args:
         records: rationale records (``id``, ``label``, ``words``).
         examples: the task's examples by id (for the choices; a record of an unknown id counts its own label only).
     """
-    inside = total = 0
-    for record in records:
+
+    def texts(record: dict[str, Any]) -> list[str]:
         example = examples.get(record["id"])
-        texts = [record["label"], *(example.choices if example else ())]
-        for word, _ in record["words"]:
-            total += 1
-            inside += any(word_in(word, text) for text in texts)
-    return inside / total if total else None
+        return [record["label"], *(example.choices if example else ())]
+
+    return _word_share(records, texts)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -208,6 +223,7 @@ def _task_results(config: RationaleStudyConfig, out: Path, task: str, partial: b
         "teacher_accuracy": teacher["accuracy"] if teacher else None,
         "teacher": {k: teacher[k] for k in ("model", "model_name", "correct", "total")} if teacher else None,
         "rationale_word_share": {},
+        "rationale_word_share_any_choice": {},
         "arms": {},
     }
     files = {k: rationale_file(out, task, k) for k in sorted(config.saliency_ks)}
@@ -218,7 +234,8 @@ def _task_results(config: RationaleStudyConfig, out: Path, task: str, partial: b
         for k, path in files.items():
             records = read_records(path)
             if records:
-                result["rationale_word_share"][str(k)] = rationale_word_share(records, examples)
+                result["rationale_word_share"][str(k)] = rationale_word_share(records)
+                result["rationale_word_share_any_choice"][str(k)] = rationale_word_share_any_choice(records, examples)
                 result.setdefault("rationale_records", len(records))
                 result["train_teacher_accuracy"] = sum(bool(r.get("correct")) for r in records) / len(records)
     for arm in config.arm_names(task):
@@ -255,8 +272,9 @@ def _task_results(config: RationaleStudyConfig, out: Path, task: str, partial: b
 
 
 def collect_results(config: RationaleStudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
-    """Gather the finished runs: per task the teacher's accuracy, the rationale words' share in the answer, and per
-    arm the accuracy per seed, its mean and sample standard deviation (None for one seed).
+    """Gather the finished runs: per task the teacher's accuracy, the rationale words' share in the gold answer (and
+    in the answer or a choice), and per arm the accuracy per seed, its mean and sample standard deviation (None for
+    one seed).
 
     Args:
         config: the study's config.
