@@ -288,12 +288,12 @@ def test_every_arm_kind_has_a_description_in_the_report_and_a_line_in_the_plot(t
     def arm(k: int | None) -> dict:
         return {"k": k, "accuracy_mean": 0.5, "accuracy_std": 0.1, "per_seed": [{"accuracy": 0.5}], "seeds": [0, 1]}
 
-    arms = {name: arm(None) for name in RATIONALE_STUDY_ARMS if name != "saliency"}
-    task = {"arms": {**arms, "saliency-k3": arm(3)}, "teacher": None, "teacher_accuracy": 0.8}
+    arms = {name: arm(None) for name in RATIONALE_STUDY_ARMS if name not in ("saliency", "random")}
+    task = {"arms": {**arms, "saliency-k3": arm(3), "random-k3": arm(3)}, "teacher": None, "teacher_accuracy": 0.8}
     table = task_table(task)
     for name, kind in RATIONALE_STUDY_ARMS.items():
         assert kind.description and kind.description.format(k=3) in table
-        assert (kind.style is None) == (name == "saliency")  # the saliency arms are drawn against k
+        assert (kind.style is None) == (name in ("saliency", "random"))  # the saliency and random arms: against k
     write_plot({"tasks": {"svamp": task}}, tmp_path / "accuracy_vs_k.png")
     assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 0
 
