@@ -120,7 +120,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         line = word_share_line(task)
         if line:
             sections.append(line)
-    sections.append("![test accuracy against the number k of saliency rationale words](accuracy_vs_k.png)")
+    sections.append("![accuracy against the number k of rationale words](accuracy_vs_k.png)")
     path.write_text("\n\n".join(sections) + "\n")
 
 
@@ -132,6 +132,9 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(8.0, 5.2 * len(tasks)), 4.2), dpi=120, squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, (name, task) in zip(axes[0], tasks.items()):
+        highest = [100 * (a["accuracy_mean"] + (a["accuracy_std"] or 0)) for a in task["arms"].values()]
+        highest.append(100 * (task["teacher_accuracy"] or 0))
+        ax.set_ylim(0, min(105, 1.2 * max(highest) + 2))  # from 0: differences at their true scale
         curves = [kind for kind, arm_kind in RATIONALE_STUDY_ARMS.items() if arm_kind.style is None]
         ks: set[int] = set()
         for i, kind in enumerate(curves):
