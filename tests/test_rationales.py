@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import typing
 
 import pytest
@@ -22,6 +24,7 @@ from lmdistill.rationales.attribution import (
     choose,
     continuation_logprob,
 )
+from lmdistill.rationales.records import random_records
 from lmdistill.rationales.tasks import (
     SHARED_DATA_ENV,
     TASKS,
@@ -29,10 +32,20 @@ from lmdistill.rationales.tasks import (
     arithmetic_value,
     is_correct,
     load_task,
+    premise_split,
     render_prompt,
     shared_data_root,
+    task_splits,
 )
-from lmdistill.rationales.words import STOP_WORDS, Word, rationale_text, select_words, split_words, word_scores
+from lmdistill.rationales.words import (
+    STOP_WORDS,
+    Word,
+    random_words,
+    rationale_text,
+    select_words,
+    split_words,
+    word_scores,
+)
 
 METHODS = ["saliency", "input-x-gradient", "integrated-gradients"]
 
@@ -171,7 +184,8 @@ def test_loader_errors_say_what_and_where(made_up_root, tmp_path):
 
 
 SHARED_COUNTS = {("svamp", "train"): 800, ("svamp", "test"): 200, ("cqa", "train"): 9741, ("cqa", "test"): 1221,
-                 ("anli1", "valid"): 1000, ("esnli", "valid"): 9842}  # fmt: skip
+                 ("anli1", "valid"): 1000, ("esnli", "valid"): 9842, ("esnli", "train"): 6671,
+                 ("esnli", "validation"): 703, ("esnli", "test"): 2468}  # fmt: skip
 
 
 @pytest.mark.skipif(not (shared_data_root() / "svamp").is_dir(), reason="shared task data not present")
@@ -183,6 +197,49 @@ def test_the_shared_data_loads(task, split):
         assert sum(e.llm_rationale is not None for e in examples) >= 0.98 * len(examples)
     if task == "cqa":
         assert all(len(e.choices) == 5 and e.label in e.choices for e in examples)
+
+
+def premise_key(example: Example) -> str:
+    return " ".join(re.findall(r"\w+", example.inputs["premise"].casefold()))
+
+
+def test_esnli_splits_by_premise(tmp_path, monkeypatch):
+    """train, validation and test divide the valid file by premise (case and punctuation aside), deterministically."""
+    rows = []
+    for p in range(60):
+        for h, label in enumerate((0, 1, 2)):  # three hypotheses per premise, one written otherwise
+            premise = f"Premise number {p} here." if h < 2 else f"premise NUMBER {p} here"
+            rows.append({"premise": premise, "hypothesis": f"h{h}", "label": label, "explanation_1": f"e{p}-{h}"})
+    (tmp_path / "esnli").mkdir()
+    write_jsonl(tmp_path / "esnli/esnli_valid.json", rows)
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path))
+    whole = load_task("esnli", "valid")
+    splits = {split: load_task("esnli", split) for split in ("train", "validation", "test")}
+    assert sorted(e.id for part in splits.values() for e in part) == sorted(e.id for e in whole)  # ids of the file
+    premises = {split: {premise_key(e) for e in part} for split, part in splits.items()}
+    assert len(set.union(*premises.values())) == 60 == sum(map(len, premises.values()))  # no premise on two sides
+    assert all(len(part) == 3 * len(premises[split]) for split, part in splits.items())
+    assert all(premise_split(e.inputs["premise"]) == split for split, part in splits.items() for e in part)
+    assert [len(premises[s]) for s in ("train", "validation", "test")] == [48, 2, 10]  # pinned: the rule is fixed
+    assert load_task("esnli", "test") == splits["test"] and load_task("esnli", "test", limit=2) == splits["test"][:2]
+    assert all(e.rationale == rows[int(e.id.removeprefix("valid-"))]["explanation_1"] for e in splits["test"])
+    with pytest.raises(LmdistillError, match="task esnli has the splits valid, train, validation, test, not 'dev'"):
+        load_task("esnli", "dev")
+    with pytest.raises(LmdistillError, match="task anli1 has the splits valid, not 'validation'"):
+        load_task("anli1", "validation")
+
+
+@pytest.mark.skipif(not (shared_data_root() / "esnli").is_dir(), reason="shared task data not present")
+def test_the_shared_esnli_splits_share_no_premise():
+    premises = {split: {premise_key(e) for e in load_task("esnli", split)} for split in ("train", "validation", "test")}
+    assert not premises["train"] & premises["test"] and not premises["validation"] & (
+        premises["train"] | premises["test"]
+    )
+    assert len(load_task("esnli", "test")) >= 2000
+    assert task_splits("esnli") == ("valid", "train", "validation", "test") and task_splits("svamp") == (
+        "train",
+        "test",
+    )
 
 
 def test_gsm_symbolic_is_generated_with_disjoint_splits_and_gold_rationales():
@@ -218,6 +275,22 @@ def test_prompts_mark_exactly_the_examples_own_text():
     nli = Example(id="3", inputs={"premise": "P.", "hypothesis": "H."}, label="neutral", choices=("a", "b"))
     prompt = render_prompt(nli, TASKS["anli1"].template)
     assert [prompt.text[a:b] for a, b in prompt.spans] == ["P.", "H."]  # the class names are template text
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_explain_prompts_end_in_their_own_cue(task):
+    """The label and the rationale follow different cues: explain: ends in Rationale:, predict: in the task's own."""
+    inputs = {"premise": "P.", "hypothesis": "H."} if "premise" in TASKS[task].fields else {"input": "Where is it?"}
+    example = Example(id="1", inputs=inputs, label="b", choices=("a", "b"))
+    predict = render_prompt(example, TASKS[task].template, "predict")
+    explain = render_prompt(example, TASKS[task].template, "explain")
+    cue = TASKS[task].template.rsplit("\n", 1)[1]
+    assert cue in ("Answer:", "Equation:") and predict.text.endswith("\n" + cue)
+    assert explain.text == "explain" + predict.text.removeprefix("predict").removesuffix(cue) + "Rationale:"
+    assert [explain.text[a:b] for a, b in explain.spans] == [predict.text[a:b] for a, b in predict.spans]
+    # a template whose last line holds a field has no cue of its own: the explain prompt gets one
+    bare = render_prompt(example, "Q: {input} A:" if "input" in inputs else "{premise} {hypothesis}", "explain")
+    assert bare.text.endswith("\nRationale:") and bare.text.count("Rationale:") == 1
 
 
 @pytest.mark.parametrize(
@@ -306,6 +379,39 @@ def test_selection_drops_stop_words_and_duplicates_and_keeps_top_k():
     assert select_words(words, scores, 2, drop_stop_words=False) == [("The", 9.0), ("on", 7.0)]
     assert select_words(words, scores, 10) == [("Cat", 5.0), ("sat", 3.0), ("mat", 3.0)]
     assert rationale_text([("Cat", 5.0), ("sat", 3.0)]) == "Cat sat"
+
+
+def test_random_words_draw_only_candidates_reproducibly_and_unlike_saliency():
+    prompt = render_prompt(Example(id="x", inputs={"input": "The cat sat on the mat; the Cat, a dog!"}, label="c"),
+                           "{input}\nAnswer:")  # fmt: skip
+    words = split_words(prompt.text, prompt.spans)
+    scores = [float(len(words) - i) for i in range(len(words))]  # saliency ranks them in input order
+    candidates = {w for w, _ in select_words(words, scores, 100)}
+    assert candidates == {"cat", "sat", "mat", "dog"}  # the first "cat"; no stop word, no template word
+    draws = [random_words(words, 2, random.Random(f"7:{i}")) for i in range(40)]
+    for drawn in draws:
+        assert len(drawn) == 2 and len({w for w, _ in drawn}) == 2 and {w for w, _ in drawn} <= candidates
+        assert all(score is None for _, score in drawn)
+    assert draws == [random_words(words, 2, random.Random(f"7:{i}")) for i in range(40)]  # the same seeds, the same
+    assert {w for drawn in draws for w, _ in drawn} == candidates  # every candidate gets drawn
+    saliency = [w for w, _ in select_words(words, scores, 2)]
+    assert saliency == ["cat", "sat"] and sum([w for w, _ in d] != saliency for d in draws) >= 30
+    longest = random_words(words, 10, random.Random("7:0"))
+    assert random_words(words, 1, random.Random("7:0")) == longest[:1] and len(longest) == 4  # prefixes; at most all
+    with_stop = {w for w, _ in random_words(words, 10, random.Random(0), drop_stop_words=False)}
+    assert with_stop == candidates | {"The", "on", "a"}
+
+
+def test_random_records_are_seeded_per_example():
+    examples = [Example(id=f"e{i}", inputs={"input": f"w{i} x{i} y{i} z{i} v{i}"}, label=f"w{i}") for i in range(6)]
+    records = random_records(examples, "{input}\nAnswer:", 3, seed=1, drop_stop_words=True)
+    assert random_records(examples[3:], "{input}\nAnswer:", 3, seed=1, drop_stop_words=True) == records[3:]
+    other = random_records(examples, "{input}\nAnswer:", 3, seed=2, drop_stop_words=True)
+    assert other != records and [r["id"] for r in other] == [r["id"] for r in records]
+    for record, example in zip(records, examples):
+        assert set(record) == {"id", "label", "words", "rationale"} and record["label"] == example.label
+        assert record["rationale"] == " ".join(w for w, _ in record["words"]) and len(record["words"]) == 3
+        assert {w for w, _ in record["words"]} <= set(example.inputs["input"].split())
 
 
 # ---------------------------------------------------------------------------------------------------- attribution

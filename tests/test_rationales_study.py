@@ -20,8 +20,10 @@ from lmdistill.commands.rationales_extract import run_extract
 from lmdistill.commands.rationales_report import task_table, write_plot
 from lmdistill.commands.rationales_study import (
     check_study_resumable,
+    random_file,
     rationale_file,
     rationale_word_share,
+    rationale_word_share_any_choice,
     run_dir,
     task_dir,
     word_in,
@@ -35,8 +37,8 @@ from lmdistill.config import (
     load_yaml,
 )
 from lmdistill.errors import LmdistillError
-from lmdistill.rationales.records import read_records, write_first_words
-from lmdistill.rationales.tasks import SHARED_DATA_ENV, Example, load_task
+from lmdistill.rationales.records import random_records, read_records, write_first_words
+from lmdistill.rationales.tasks import SHARED_DATA_ENV, TASKS, Example, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,10 +168,37 @@ def test_arms_expand_per_task_and_runs_go_seed_by_seed():
     assert config.extract_config("cqa", out="k.jsonl").teacher == "runs/t=cqa"
 
 
+def test_esnli_runs_saliency_random_and_gold_arms_and_may_evaluate_on_its_validation_split():
+    arms = ["finetune", "saliency", "random", "step-by-step", "gold"]
+    config = RationaleStudyConfig(out="x", student="s", tasks=["esnli", "svamp"], arms=arms, saliency_ks=[1, 3, 5, 10])
+    assert config.arm_names("esnli") == [
+        "finetune", "saliency-k1", "saliency-k3", "saliency-k5", "saliency-k10", "random-k5", "gold",
+    ]  # fmt: skip
+    assert config.arm_names("svamp") == ["finetune", *config.arm_names("esnli")[1:6], "step-by-step"]
+    assert [config.arm_k(a) for a in config.arm_names("esnli")] == [None, 1, 3, 5, 10, 5, None]
+    assert [config.saliency_k(a) for a in config.arm_names("esnli")] == [None, 1, 3, 5, 10, None, None]
+    assert [config.arm_kind(a) for a in ("random-k5", "saliency-k10", "gold")] == ["random", "saliency", "gold"]
+    assert [config.rationale_source(a) for a in ("random-k5", "saliency-k1", "gold")] == ["file", "file", "gold"]
+    assert config.eval_config("esnli", model="m", out="e.json").split == "test"
+    assert config.train_config("esnli", "random-k5", 0, out="r", rationales="r5.jsonl").rationales == "r5.jsonl"
+    assert RationaleStudyConfig(out="x", student="s").arms == ["finetune", "saliency", "step-by-step", "gold"]
+    tuning = RationaleStudyConfig(out="x", student="s", tasks=["esnli"], arms=arms[:3], eval_split="validation")
+    assert tuning.eval_config("esnli", model="m", out="e.json").split == "validation"
+    assert tuning.train_config("esnli", "finetune", 0, out="r").split == "train"  # validation is not in train
+    assert RationaleStudyConfig(out="x", student="s", random_ks=[3, 1], arms=["random"]).arm_names("cqa") == [
+        "random-k1", "random-k3",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"arms": ["finetune", "salience"]}, r"unknown arms \['salience'\]"),
+        ({"arms": ["random"], "random_ks": []}, "--random-ks must be distinct positive word counts"),
+        ({"random_ks": [0]}, "--random-ks must be distinct positive word counts"),
+        ({"random_seed": -1}, "--random-seed must be non-negative"),
+        ({"eval_split": "validation"}, r"--eval-split validation: tasks \['svamp', 'cqa'\] have no such split"),
+        ({"tasks": ["esnli"], "arms": ["step-by-step"]}, "step-by-step applies to none of --tasks esnli"),
         ({"tasks": ["anli1"]}, r"unknown tasks \['anli1'\]"),
         ({"saliency_ks": [0, 3]}, "distinct positive word counts"),
         ({"saliency_ks": [3, 3]}, "distinct positive word counts"),
@@ -273,9 +302,13 @@ def test_rationale_word_share_by_hand():
         # 84 and 2 occur in the equation; 42 does not
         {"id": "b", "label": "( 84.0 / 2.0 )", "words": [["84", 2.0], ["42", 1.0], ["2", 0.5]]},
     ]
-    assert rationale_word_share(records, examples) == pytest.approx(4 / 8)
-    assert rationale_word_share(records[:1], examples) == pytest.approx(2 / 5)
-    assert rationale_word_share([], examples) is None
+    assert rationale_word_share_any_choice(records, examples) == pytest.approx(4 / 8)
+    assert rationale_word_share_any_choice(records[:1], examples) == pytest.approx(2 / 5)
+    assert rationale_word_share_any_choice([], examples) is None
+    # the paper's measure: the gold answer only (Fridge, only a choice, no longer counts)
+    assert rationale_word_share(records) == pytest.approx(3 / 8)
+    assert rationale_word_share(records[:1]) == pytest.approx(1 / 5)
+    assert rationale_word_share([]) is None
     assert word_in("84", "( 84.0 / 2.0 )") and not word_in("8", "( 84.0 / 2.0 )") and not word_in("4.0", "84.0")
 
 
@@ -283,12 +316,12 @@ def test_every_arm_kind_has_a_description_in_the_report_and_a_line_in_the_plot(t
     def arm(k: int | None) -> dict:
         return {"k": k, "accuracy_mean": 0.5, "accuracy_std": 0.1, "per_seed": [{"accuracy": 0.5}], "seeds": [0, 1]}
 
-    arms = {name: arm(None) for name in RATIONALE_STUDY_ARMS if name != "saliency"}
-    task = {"arms": {**arms, "saliency-k3": arm(3)}, "teacher": None, "teacher_accuracy": 0.8}
+    arms = {name: arm(None) for name in RATIONALE_STUDY_ARMS if name not in ("saliency", "random")}
+    task = {"arms": {**arms, "saliency-k3": arm(3), "random-k3": arm(3)}, "teacher": None, "teacher_accuracy": 0.8}
     table = task_table(task)
     for name, kind in RATIONALE_STUDY_ARMS.items():
         assert kind.description and kind.description.format(k=3) in table
-        assert (kind.style is None) == (name == "saliency")  # the saliency arms are drawn against k
+        assert (kind.style is None) == (name in ("saliency", "random"))  # the saliency and random arms: against k
     write_plot({"tasks": {"svamp": task}}, tmp_path / "accuracy_vs_k.png")
     assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 0
 
@@ -337,13 +370,16 @@ def test_a_tiny_study_writes_results_report_and_plot(tiny_study, ws, capsys):
         assert [r["words"][:1] for r in k2] == [r["words"] for r in k1] and len(k1) == 6
         examples = {e.id: e for e in load_task(task, "train")}
         for k, records in (("1", k1), ("2", k2)):
-            assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records, examples))
+            assert result["rationale_word_share"][k] == pytest.approx(rationale_word_share(records))
+            any_choice = rationale_word_share_any_choice(records, examples)
+            assert result["rationale_word_share_any_choice"][k] == pytest.approx(any_choice)
     # the step-by-step rationales are the 540B model's: the training data holds them
     report = (out / "report.md").read_text()
     assert report.startswith(f"# Rationale study of `{ws / 'student'}`") and f"cqa={ws / 'teacher-cqa'}" in report
     for name in expected["cqa"]:
         assert f"| `{name}` |" in report
     assert report.count("| teacher |") == 2 and "## SVAMP" in report and "gold answer or one of the choices" in report
+    assert "occur in the gold answer (the paper's measure" in report
     assert (out / "accuracy_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / "study_config.yaml").read_text())["saliency_ks"] == [1, 2]
 
@@ -467,3 +503,48 @@ def test_rationales_eval_of_a_model_with_nan_weights_is_refused(tmp_path, capsys
     )
     expected = "the model's log-probabilities are NaN: its weights or its forward pass give NaN"
     assert message == f"lmdistill rationales eval: error: {expected}"
+
+
+def esnli_rows() -> list[dict]:
+    """Made-up e-SNLI lines in words of the tiny tokenizer: 30 premises, three hypotheses each."""
+    rows = []
+    for p in range(30):
+        x, y = "bcdefghijk"[p % 10], "mnpqrstuvw"[p // 3]
+        for label, hypothesis in enumerate((f"a {x} is by the {y}", f"the {x} was at {y}", f"no {x} is in {y}")):
+            premise = f"the {x} is on the {y} by {p % 7}."
+            rows.append({"premise": premise, "hypothesis": hypothesis, "label": label, "explanation_1": f"{x} {y}"})
+    return rows
+
+
+@pytest.mark.integration
+def test_a_tiny_esnli_study_with_random_and_gold_arms(ws, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "reasoning" / "esnli" / "esnli_valid.json", esnli_rows())
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path / "reasoning"))
+    args = ["rationales", "study", "--teacher", ws / "teacher", "--student", ws / "student", "--tasks", "esnli",
+            "--arms", "finetune", "saliency", "random", "gold", "--saliency-ks", 3, "--random-ks", 1, 3,
+            "--random-seed", 4, "--seeds", 0, "--train-limit", 12, "--test-limit", 4, "--max-steps", 2,
+            "--batch-size", 2, "--val-fraction", 0.2, "--precision", "fp32", "--no-progress",
+            "--out", tmp_path / "s"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    out = tmp_path / "s"
+    result = json.loads((out / "results.json").read_text())["tasks"]["esnli"]
+    assert list(result["arms"]) == ["finetune", "saliency-k3", "random-k1", "random-k3", "gold"]
+    assert [arm["k"] for arm in result["arms"].values()] == [None, 3, 1, 3, None]
+    evaluation = json.loads((run_dir(out, "esnli", "random-k3", 0) / "eval.json").read_text())
+    test_ids = [e.id for e in load_task("esnli", "test", limit=4)]
+    assert evaluation["split"] == "test" and [p["id"] for p in evaluation["predictions"]] == test_ids
+    train = load_task("esnli", "train", limit=12)
+    random_k3 = read_records(random_file(out, "esnli", 3))
+    assert random_k3 == random_records(train, TASKS["esnli"].template, 3, seed=4, drop_stop_words=True)
+    assert [r["words"][:1] for r in random_k3] == [r["words"] for r in read_records(random_file(out, "esnli", 1))]
+    saliency = read_records(rationale_file(out, "esnli", 3))
+    assert [r["id"] for r in saliency] == [r["id"] for r in random_k3] == [e.id for e in train]
+    assert [r["rationale"] for r in saliency] != [r["rationale"] for r in random_k3]
+    for arm, rationales in (("random-k3", random_file(out, "esnli", 3)), ("gold", None)):
+        manifest = json.loads((run_dir(out, "esnli", arm, 0) / "data_manifest.json").read_text())
+        assert manifest["rationales"] == (str(rationales) if rationales else None) and manifest["split"] == "train"
+        assert manifest["train_with_rationale"] == manifest["train_examples"]
+    assert set(result["rationale_word_share"]) == set(result["rationale_word_share_any_choice"]) == {"3"}
+    report = (out / "report.md").read_text()
+    assert "## e-SNLI" in report and "| `random-k1` | 1 of the same candidate words drawn at random | 1 |" in report
+    assert "`random-k` arms: k of the same candidate words drawn at random (seed 4" in report

@@ -21,7 +21,7 @@ from lmdistill.commands.rationales_train import run_rationale_train
 from lmdistill.config import RationaleTrainConfig
 from lmdistill.errors import LmdistillError
 from lmdistill.rationales import answers as answers_module
-from lmdistill.rationales.tasks import is_correct, load_task
+from lmdistill.rationales.tasks import TASKS, Example, is_correct, load_task, render_prompt
 from lmdistill.train import rationale_data as train_module
 from lmdistill.train.rationale_data import LABEL, RATIONALE, MultitaskLoss, TargetSequence, pad_right
 
@@ -411,3 +411,77 @@ def test_the_540b_model_and_gold_rationales_are_sources_too(ws, tmp_path, monkey
     gsm = config(ws, "gsm", task="gsm-symbolic", data=None, rationale_source="gold", rationales=None, size=4)
     examples = load_task("gsm-symbolic", "train", size=4)
     assert train_module.rationale_targets(examples, gsm) == {e.id: e.rationale for e in examples}
+
+
+# ---------------------------------------------------------------------------------------------------- sequences
+
+
+def word_tokenizer(*texts: str):
+    """A word-level fast tokenizer knowing every word and punctuation run of ``texts`` (nothing is <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = sorted({p for t in texts for p, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *pieces])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>")
+
+
+def sequence_tokens(tokenizer, sequence: TargetSequence) -> tuple[list[str], list[str]]:
+    """The prompt's tokens and the target's."""
+    tokens = tokenizer.convert_ids_to_tokens(list(sequence.ids))
+    return tokens[: sequence.start], tokens[sequence.start :]
+
+
+def test_explain_and_predict_sequences_end_in_different_cues(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    cfg = RationaleTrainConfig(student="s", out="o", task="jsonl", data=str(data), rationales="r", val_fraction=0.2)
+    texts = [f"{r['input']} {r['label']} {' '.join(r.get('choices', []))}" for r in ROWS]
+    tokenizer = word_tokenizer("predict explain Answer Rationale Choices : ( )", *RATIONALES.values(), *texts)
+    built = train_module.build_data(cfg, tokenizer, load_task("jsonl", "train", data=data), RATIONALES)
+    for predict, explain in built.train + built.val:
+        (predict_prompt, label), (explain_prompt, rationale) = (
+            sequence_tokens(tokenizer, s) for s in (predict, explain)
+        )
+        assert predict_prompt[-2:] == ["Answer", ":"] and explain_prompt[-2:] == ["Rationale", ":"]
+        assert predict_prompt[0] == "predict" and explain_prompt[0] == "explain"
+        assert predict_prompt[1:-2] == explain_prompt[1:-2]  # the same example text and template otherwise
+        assert "<unk>" not in label + rationale and label[-1] == rationale[-1] == "</s>"
+
+
+def test_long_prompts_lose_the_example_s_text_and_keep_prefix_cue_and_target():
+    nli = Example(id="n", inputs={"premise": "a b c d e f", "hypothesis": "g h i j"}, label="neutral")
+    prompt = render_prompt(nli, TASKS["esnli"].template, "explain")
+    tokenizer = word_tokenizer(prompt.text, "one two three")
+    whole, cut = train_module.encode(tokenizer, prompt, "one two three", RATIONALE, 100)
+    assert not cut and len(whole.ids) == 28  # 24 prompt tokens, 3 target words, end of sequence
+    # 4 tokens too many: the longest span loses its last token until it ties, then the earliest: 6 + 4 -> 3 + 3
+    short, cut = train_module.encode(tokenizer, prompt, "one two three", RATIONALE, 24)
+    prompt_tokens, target = sequence_tokens(tokenizer, short)
+    assert cut and len(short.ids) == 24 and target == ["one", "two", "three", "</s>"]
+    assert " ".join(prompt_tokens) == (
+        "explain : Premise : a b c Hypothesis : g h i Entailment , neutral or contradiction ? Rationale :"
+    )
+    # at the limit the whole example text is gone; one token less and the rest does not fit
+    bare, _ = train_module.encode(tokenizer, prompt, "one two three", RATIONALE, 18)
+    assert " ".join(sequence_tokens(tokenizer, bare)[0]) == (
+        "explain : Premise : Hypothesis : Entailment , neutral or contradiction ? Rationale :"
+    )
+    with pytest.raises(LmdistillError, match="--max-len 17 is too short: .* take 18 tokens"):
+        train_module.encode(tokenizer, prompt, "one two three", RATIONALE, 17)
+
+
+def test_build_data_cuts_inside_the_example_and_refuses_in_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"id": "long", "input": "w1 w2 w3 w4 w5 w6 w7 w8", "label": "w9"}])
+    tokenizer = word_tokenizer("predict : Answer w1 w2 w3 w4 w5 w6 w7 w8 w9")
+    cfg = RationaleTrainConfig(student="s", out="o", task="jsonl", data=str(data), rationale_source="none", max_len=7,
+                               val_fraction=0.5)  # fmt: skip
+    examples = load_task("jsonl", "train", data=data) * 2
+    examples[1] = dataclasses.replace(examples[1], id="long-2")
+    built = train_module.build_data(cfg, tokenizer, examples, {})
+    (sequence,) = built.train[0]
+    assert tokenizer.convert_ids_to_tokens(list(sequence.ids)) == ["predict", ":", "w1", "Answer", ":", "w9", "</s>"]
+    assert built.manifest["sequences_cut"] == 2
+    with pytest.raises(LmdistillError, match=r"^the predict: sequence of example 'long': --max-len 5 is too short"):
+        train_module.build_data(dataclasses.replace(cfg, max_len=5), tokenizer, examples, {})

@@ -1,5 +1,6 @@
-"""A rationale study's report: `report.md` (per task a table of arms, the teacher and the share of rationale words
-found in the answer) and `accuracy_vs_k.png` (saliency accuracy against k beside the other arms and the teacher)."""
+"""A rationale study's report: `report.md` (per task a table of arms, the teacher and the shares of rationale words
+found in the gold answer, and in the answer or a choice) and `accuracy_vs_k.png` (saliency accuracy against k beside
+the other arms and the teacher)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmdistill.commands.study_report import plus_minus, precision_text  # noqa: E402
-from lmdistill.config import RATIONALE_STUDY_ARMS  # noqa: E402
+from lmdistill.config import RATIONALE_STUDY_ARMS, RationaleStudyConfig  # noqa: E402
 
-TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic"}
+TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic", "esnli": "e-SNLI"}
 
 
 def _describe(name: str, arm: dict[str, Any]) -> str:
-    if arm["k"] is not None:
-        return RATIONALE_STUDY_ARMS["saliency"].description.format(k=arm["k"])
-    return RATIONALE_STUDY_ARMS[name].description
+    return RATIONALE_STUDY_ARMS[RationaleStudyConfig.arm_kind(name)].description.format(k=arm["k"])
 
 
 def _percent(value: float | None) -> str:
@@ -51,14 +50,19 @@ def task_table(task: dict[str, Any]) -> str:
 
 
 def word_share_line(task: dict[str, Any]) -> str | None:
-    """One sentence: the share of rationale words that occur in the gold answer or a choice, per k."""
+    """One sentence: per k the share of rationale words that occur in the gold answer (the paper's measure), and in
+    the gold answer or one of the choices."""
     shares = task["rationale_word_share"]
     if not shares:
         return None
-    values = ", ".join(f"k = {k}: {_percent(v)}%" for k, v in shares.items())
+
+    def values(measure: dict[str, float | None]) -> str:
+        return ", ".join(f"k = {k}: {_percent(v)}%" for k, v in measure.items())
+
     return (
-        f"Saliency rationale words that occur in the gold answer or one of the choices (whole words, any case; "
-        f"{task['rationale_records']} training examples): {values}. The teacher's answers were right on "
+        f"Saliency rationale words that occur in the gold answer (the paper's measure; whole words, any case; "
+        f"{task['rationale_records']} training examples): {values(shares)}; in the gold answer or one of the choices: "
+        f"{values(task['rationale_word_share_any_choice'])}. The teacher's answers were right on "
         f"{_percent(task['train_teacher_accuracy'])}% of these examples (the rationales explain its own answer)."
     )
 
@@ -77,11 +81,15 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     commit = (env["git"]["commit"] or "unknown")[:10]
     seeds = config["seeds"]
     train = "every training example" if config["train_limit"] is None else f"the first {config['train_limit']}"
-    test = "every test example" if config["test_limit"] is None else f"the first {config['test_limit']}"
+    test = "every example" if config["test_limit"] is None else f"the first {config['test_limit']} examples"
     stop = "stop words left out" if config["stop_words"] else "stop words kept"
     teacher = config["teacher"]
     if config["task_teachers"]:
         teacher = f"{', '.join(config['task_teachers'])} (other tasks: {teacher})"
+    random = ""
+    if "random" in config["arms"]:
+        random = f"; `random-k` arms: k of the same candidate words drawn at random (seed {config['random_seed']} and "
+        random += "the example's id)"
     setup = (
         f"**Setup.** Teacher: {teacher}. Student: `{config['student']}`; every run starts from it and "
         f"trains for {config['max_steps']} steps of {config['batch_size']} examples × {config['grad_accum']} "
@@ -92,10 +100,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"{config['max_len']} tokens. Arms differ only in the rationale targets. Saliency rationales: the teacher's "
         f"answer attributed to its input with {config['method']} ({config['reduction']} norm over the embedding), "
         f"the top-k words ({stop}), extracted once at the largest k in score order, the smaller k being each "
-        f"record's first k words. Seeds ({', '.join(map(str, seeds))}) change the order of the examples. Accuracy "
-        f"on {test} of the test split from the `predict:` prompt alone (choice scoring with multiple choice, greedy "
-        f"answers of at most {config['max_new_tokens']} tokens otherwise, SVAMP equations evaluated), the teacher's "
-        "with the same prompts and code, in fp32; ± is the sample standard deviation over seeds (none with one seed). "
+        f"record's first k words{random}. Seeds ({', '.join(map(str, seeds))}) change the order of the examples. "
+        f"Accuracy on {test} of the {config['eval_split']} split from the `predict:` prompt alone (choice scoring "
+        f"with multiple choice, greedy answers of at most {config['max_new_tokens']} tokens otherwise, SVAMP "
+        "equations evaluated), the teacher's with the same prompts and code, in fp32; ± is the sample standard "
+        "deviation over seeds (none with one seed). "
         f"Ran on {device}, training {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
         f"(commit {commit})."
     )
@@ -111,32 +120,41 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         line = word_share_line(task)
         if line:
             sections.append(line)
-    sections.append("![test accuracy against the number k of saliency rationale words](accuracy_vs_k.png)")
+    sections.append("![accuracy against the number k of rationale words](accuracy_vs_k.png)")
     path.write_text("\n\n".join(sections) + "\n")
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
-    """Write `accuracy_vs_k.png`: per task, the saliency arms' accuracy against k (error bars: std over seeds, where
-    several), the other arms (bands: their std) and the teacher as horizontal lines."""
-    tasks = results["tasks"]
+    """Write `accuracy_vs_k.png`: per task, the saliency and random arms' accuracy against k (error bars: std over
+    seeds, where several), the other arms (bands: their std) and the teacher as horizontal lines."""
+    tasks, split = results["tasks"], results.get("config", {}).get("eval_split", "test")
     # at least 8 inches wide, so that one task's figure holds the title
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(8.0, 5.2 * len(tasks)), 4.2), dpi=120, squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, (name, task) in zip(axes[0], tasks.items()):
-        saliency = sorted(
-            ((arm["k"], arm) for arm in task["arms"].values() if arm["k"] is not None), key=lambda a: a[0]
-        )
         highest = [100 * (a["accuracy_mean"] + (a["accuracy_std"] or 0)) for a in task["arms"].values()]
         highest.append(100 * (task["teacher_accuracy"] or 0))
         ax.set_ylim(0, min(105, 1.2 * max(highest) + 2))  # from 0: differences at their true scale
-        if saliency:
-            ks = [k for k, _ in saliency]
-            means = [100 * arm["accuracy_mean"] for _, arm in saliency]
-            errors = [math.nan if arm["accuracy_std"] is None else 100 * arm["accuracy_std"] for _, arm in saliency]
-            ax.errorbar(ks, means, yerr=errors, marker="o", capsize=4, color=colors(0), label="saliency rationales")
-            ax.set_xticks(ks)
+        curves = [kind for kind, arm_kind in RATIONALE_STUDY_ARMS.items() if arm_kind.style is None]
+        ks: set[int] = set()
+        for i, kind in enumerate(curves):
+            points = sorted(
+                (arm["k"], arm)
+                for arm_name, arm in task["arms"].items()
+                if RationaleStudyConfig.arm_kind(arm_name) == kind
+            )
+            if points:
+                means = [100 * arm["accuracy_mean"] for _, arm in points]
+                errors = [math.nan if arm["accuracy_std"] is None else 100 * arm["accuracy_std"] for _, arm in points]
+                ax.errorbar(
+                    [k for k, _ in points], means, yerr=errors, marker="os"[i % 2], capsize=4, color=colors(i),
+                    label=f"{kind} rationales",
+                )  # fmt: skip
+                ks.update(k for k, _ in points)
+        if ks:
+            ax.set_xticks(sorted(ks))
         lines = [(name, kind.style) for name, kind in RATIONALE_STUDY_ARMS.items() if kind.style is not None]
-        for i, (arm_name, style) in enumerate(lines, start=1):
+        for i, (arm_name, style) in enumerate(lines, start=len(curves)):
             if arm_name in task["arms"]:
                 arm = task["arms"][arm_name]
                 value = 100 * arm["accuracy_mean"]
@@ -148,8 +166,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             value = 100 * task["teacher_accuracy"]
             ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({value:.1f})")
         ax.set_title(TASK_NAMES.get(name, name))
-        ax.set_xlabel("k (saliency rationale words per example)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_xlabel("k (rationale words per example)")
+        ax.set_ylabel(f"{split} accuracy (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Student accuracy against k (mean over seeds; error bars and bands: std, where several)", fontsize=10)

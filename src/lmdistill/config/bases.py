@@ -144,8 +144,12 @@ class Task:
         default="gsm-symbolic",
         metadata={"help": "svamp, cqa, anli1, esnli (shared data), gsm-symbolic (generated) or jsonl (--data FILE)"},
     )
-    split: Literal["train", "test", "valid"] = field(
-        default="train", metadata={"help": "split of the shared data or of gsm-symbolic (anli1, esnli: valid)"}
+    split: Literal["train", "test", "valid", "validation"] = field(
+        default="train",
+        metadata={
+            "help": "split of the shared data or of gsm-symbolic (anli1: valid; esnli: valid, the whole file, or its "
+            "train, validation, test by premise)"
+        },
     )
     data: str | None = field(
         default=None, metadata={"help": "JSON-lines file in the task's format, instead of the shared data"}

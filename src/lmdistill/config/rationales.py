@@ -20,6 +20,7 @@ from lmdistill.config.bases import (
 from lmdistill.config.distill import TrainConfig
 from lmdistill.config.schema import check_ranges, check_required, check_seeds, check_types, fields_of, override
 from lmdistill.errors import LmdistillError
+from lmdistill.rationales.tasks import task_splits
 
 RationaleSource = Literal["file", "llm", "gold", "none"]
 LineStyle = str | tuple[int, tuple[int, ...]]  # a matplotlib line style
@@ -59,7 +60,12 @@ class RationaleTraining(Engine, Generation, StudentRun):
     lambda_rationale: float = field(
         default=1.0, metadata={"help": "weight of the rationale loss (0: plain fine-tuning on labels)"}
     )
-    max_len: int = field(default=256, metadata={"help": "tokens per sequence; longer prompts lose their start"})
+    max_len: int = field(
+        default=256,
+        metadata={
+            "help": "tokens per sequence; longer ones lose tokens of the example's text (the end of its longest part)"
+        },
+    )
     val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out (at least one)"})
     data_seed: int = field(default=0, metadata={"help": "gsm-symbolic: seed of the generated train split"})
 
@@ -168,23 +174,27 @@ class RationaleArm:
 
     source: RationaleSource  # the `rationales train --rationale-source` of its runs
     tasks: tuple[str, ...]  # the study tasks it applies to
-    description: str  # its rationale targets in report.md ({k}: a saliency arm's k)
-    style: LineStyle | None = None  # its horizontal line in accuracy_vs_k.png; None: plotted against k (saliency)
+    description: str  # its rationale targets in report.md ({k}: a saliency or random arm's k)
+    style: LineStyle | None = None  # its horizontal line in accuracy_vs_k.png; None: plotted against k (one arm per k)
 
 
-RATIONALE_STUDY_TASKS = ("svamp", "cqa", "gsm-symbolic")
+RATIONALE_STUDY_TASKS = ("svamp", "cqa", "gsm-symbolic", "esnli")
 # arm kind -> its record; the order is the report's
 RATIONALE_STUDY_ARMS: dict[str, RationaleArm] = {
     "finetune": RationaleArm("none", RATIONALE_STUDY_TASKS, "none: fine-tuning on labels", ":"),
     "saliency": RationaleArm("file", RATIONALE_STUDY_TASKS, "the teacher's top-{k} saliency words"),
+    # the control: does the teacher's ranking matter, or any extra text of the example?
+    "random": RationaleArm("file", RATIONALE_STUDY_TASKS, "{k} of the same candidate words drawn at random"),
     # the 540B model's chain-of-thought rationales in the shared data
     "step-by-step": RationaleArm(
         "llm", ("svamp", "cqa"), "the 540B model's chain of thought (Distilling step-by-step)", "-."
     ),
-    # the data's own: CQA's explanations, gsm-symbolic's solution steps
-    "gold": RationaleArm("gold", ("cqa", "gsm-symbolic"), "the data's own rationales", (0, (5, 2, 1, 2))),
+    # the data's own: CQA's explanations, gsm-symbolic's solution steps, e-SNLI's explanation_1
+    "gold": RationaleArm("gold", ("cqa", "gsm-symbolic", "esnli"), "the data's own rationales", (0, (5, 2, 1, 2))),
 }
 SALIENCY_ARM_PREFIX = "saliency-k"
+K_ARMS = ("saliency", "random")  # the arm kinds with one arm per k, named KIND-k<K>
+DEFAULT_ARMS = ("finetune", "saliency", "step-by-step", "gold")  # random: on request
 
 
 @dataclass
@@ -199,8 +209,10 @@ SALIENCY_ARM_PREFIX = "saliency-k"
 class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
     """`lmdistill rationales study`: on each task the same student trained on labels alone (finetune), with the
     teacher's top-k saliency rationales (saliency-k<K> for every k), with the 540B model's chain-of-thought rationales
-    (step-by-step: svamp, cqa) and with the data's own (gold: cqa, gsm-symbolic), every arm with every seed; all
-    evaluated on the test split beside the teacher; results.json, report.md, accuracy_vs_k.png."""
+    (step-by-step: svamp, cqa), with the data's own (gold: cqa, gsm-symbolic, esnli) and, as a control, with k of the
+    same candidate words drawn at random (random-k<K>, on request), every arm with every seed; all
+    evaluated on the test split (or esnli's validation split, --eval-split) beside the teacher; results.json,
+    report.md, accuracy_vs_k.png."""
 
     teacher: str = field(
         default="default",
@@ -217,14 +229,20 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
         default_factory=lambda: ["svamp", "cqa"], metadata={"help": f"tasks; known: {', '.join(RATIONALE_STUDY_TASKS)}"}
     )
     arms: list[str] = field(
-        default_factory=lambda: list(RATIONALE_STUDY_ARMS),
+        default_factory=lambda: list(DEFAULT_ARMS),
         metadata={
-            "help": "finetune (labels only), saliency (one arm per --saliency-ks), step-by-step (svamp, cqa), gold "
-            "(cqa, gsm-symbolic); an arm runs on the tasks it applies to"
+            "help": "finetune (labels only), saliency (one arm per --saliency-ks), random (one arm per --random-ks), "
+            "step-by-step (svamp, cqa), gold (cqa, gsm-symbolic, esnli); an arm runs on the tasks it applies to"
         },
     )
     saliency_ks: list[int] = field(
         default_factory=lambda: [1, 3, 5, 7, 10], metadata={"help": "rationale words per example of the saliency arms"}
+    )
+    random_ks: list[int] = field(
+        default_factory=lambda: [5], metadata={"help": "rationale words per example of the random arms"}
+    )
+    random_seed: int = field(
+        default=0, metadata={"help": "seed of the random arms' words (each example draws with it and its id)"}
     )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds (example order) of every arm"}
@@ -233,6 +251,13 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
         default=None, metadata={"help": "extract rationales for and train on only the first N training examples"}
     )
     test_limit: int | None = field(default=None, metadata={"help": "evaluate on only the first N test examples"})
+    eval_split: Literal["test", "validation"] = field(
+        default="test",
+        metadata={
+            "help": "split the runs and the teacher are evaluated on: test, or validation (esnli: a slice of the "
+            "training pool apart from train, for choosing settings without the test split)"
+        },
+    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={"help": "keep each finished run's checkpoints (else removed once it is evaluated; final/ stays)"},
@@ -255,11 +280,16 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
                 raise LmdistillError(
                     f"--arms {arm} applies to none of --tasks {' '.join(self.tasks)} (only to {', '.join(applies)})"
                 )
-        ks = self.saliency_ks
-        if ("saliency" in self.arms and not ks) or (ks and min(ks) < 1) or len(set(ks)) < len(ks):
-            raise LmdistillError(f"--saliency-ks must be distinct positive word counts, got {ks}")
+        for kind in K_ARMS:
+            ks = getattr(self, f"{kind}_ks")
+            if (kind in self.arms and not ks) or (ks and min(ks) < 1) or len(set(ks)) < len(ks):
+                raise LmdistillError(f"--{kind}-ks must be distinct positive word counts, got {ks}")
         check_seeds(self, ["seeds"])
+        check_ranges(self, ["random_seed"], 0)
         check_ranges(self, ["train_limit", "test_limit"], 1)
+        lacking = [task for task in self.tasks if self.eval_split not in task_splits(task)]
+        if lacking:
+            raise LmdistillError(f"--eval-split {self.eval_split}: tasks {lacking} have no such split (esnli has)")
         pairs = [entry.partition("=") for entry in self.task_teachers]
         named = [task for task, _, _ in pairs]
         if any(not sep or not model for _, sep, model in pairs) or len(set(named)) < len(named):
@@ -279,19 +309,31 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
         return dict(entry.split("=", 1) for entry in self.task_teachers).get(task, self.teacher)
 
     def arm_names(self, task: str) -> list[str]:
-        """The arms run on ``task``: finetune, saliency-k<K> for every k (ascending), step-by-step, gold, as far as
-        they are in --arms and apply to the task."""
+        """The arms run on ``task``: finetune, saliency-k<K> and random-k<K> for each of their k (ascending),
+        step-by-step, gold, as far as they are in --arms and apply to the task."""
         names: list[str] = []
         for name, arm in RATIONALE_STUDY_ARMS.items():
             if name in self.arms and task in arm.tasks:
-                saliency = name == "saliency"
-                names += [f"{SALIENCY_ARM_PREFIX}{k}" for k in sorted(self.saliency_ks)] if saliency else [name]
+                per_k = name in K_ARMS
+                names += [f"{name}-k{k}" for k in sorted(getattr(self, f"{name}_ks"))] if per_k else [name]
         return names
 
     def runs(self) -> list[tuple[str, str, int]]:
         """Every (task, arm, seed) of the study, seed by seed, so that an interrupted study already holds whole
         comparisons at its first seeds."""
         return [(task, arm, seed) for seed in self.seeds for task in self.tasks for arm in self.arm_names(task)]
+
+    @staticmethod
+    def arm_kind(arm: str) -> str:
+        """The key of an arm in `RATIONALE_STUDY_ARMS` (``random-k5`` -> ``random``, ``gold`` -> ``gold``)."""
+        kind, _, k = arm.rpartition("-k")
+        return kind if kind in K_ARMS and k.isdigit() else arm
+
+    @staticmethod
+    def arm_k(arm: str) -> int | None:
+        """The k of a saliency or random arm (``random-k5`` -> 5); None for the other arms."""
+        kind, _, k = arm.rpartition("-k")
+        return int(k) if kind in K_ARMS and k.isdigit() else None
 
     @staticmethod
     def saliency_k(arm: str) -> int | None:
@@ -301,7 +343,7 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
     @staticmethod
     def rationale_source(arm: str) -> RationaleSource:
         """The `rationales train --rationale-source` of an arm's runs."""
-        return "file" if arm.startswith(SALIENCY_ARM_PREFIX) else RATIONALE_STUDY_ARMS[arm].source
+        return RATIONALE_STUDY_ARMS[RationaleStudyConfig.arm_kind(arm)].source
 
     def extract_config(self, task: str, *, out: str) -> RationaleExtractConfig:
         """The extraction of a task's saliency rationales: the training examples, at the largest k, in score order
@@ -324,7 +366,8 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
     def train_config(
         self, task: str, arm: str, seed: int, *, out: str, rationales: str | None = None, resume: bool = False
     ) -> RationaleTrainConfig:
-        """The `rationales train` settings of one run (finetune: λ = 0; a saliency arm reads ``rationales``)."""
+        """The `rationales train` settings of one run (finetune: λ = 0; a saliency or random arm reads
+        ``rationales``)."""
         source = self.rationale_source(arm)
         settings = {**fields_of(self, RationaleTraining), "out": out}
         if source == "none":
@@ -342,12 +385,12 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
         )
 
     def eval_config(self, task: str, *, model: str, out: str) -> RationaleEvalConfig:
-        """The `rationales eval` settings of a model (a run's student or the teacher) on a task's test split."""
+        """The `rationales eval` settings of a model (a run's student or the teacher) on a task's --eval-split."""
         return RationaleEvalConfig(
             **fields_of(self, Answer),
             model=model,
             task=task,
-            split="test",
+            split=self.eval_split,
             limit=self.test_limit,
             batch_size=self.batch_size,
             size=self.size,

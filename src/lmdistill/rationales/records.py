@@ -1,17 +1,20 @@
 """Rationale files: one JSON object per line (``id``, ``answer``, ``label``, ``correct``, ``words``, ``rationale``),
-their settings beside them in ``OUT.config.yaml``, and the prefix rule that derives a smaller k from a larger one."""
+their settings beside them in ``OUT.config.yaml``, the prefix rule that derives a smaller k from a larger one, and the
+random-k control (words drawn at random from the same candidates)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lmdistill.errors import LmdistillError
-from lmdistill.rationales.words import rationale_text
+from lmdistill.rationales.tasks import Example, render_prompt
+from lmdistill.rationales.words import random_words, rationale_text, split_words
 from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
@@ -112,8 +115,36 @@ def write_first_words(source: Path, out: Path, k: int) -> int:
             f"are the top-{k} rationale only with --order score and --k {k} or more"
         )
     records = [first_words(r, k) for r in read_records(source)]
-    with staged(settings_path(out), directory=False) as staging:  # first: records never lack their settings
-        staging.write_text(yaml.safe_dump({**settings, "out": str(out), "k": k}, sort_keys=False))
+    write_records(out, records, {**settings, "out": str(out), "k": k})
+    return len(records)
+
+
+def write_records(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Write a rationale file and its settings file (`settings_path`), each atomically, the settings first (records
+    never lack their settings)."""
+    with staged(settings_path(out), directory=False) as staging:
+        staging.write_text(yaml.safe_dump(settings, sort_keys=False))
     with staged(out, directory=False) as staging:
         staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return len(records)
+
+
+def random_records(
+    examples: list[Example], template: str, k: int, *, seed: int, drop_stop_words: bool
+) -> list[dict[str, Any]]:
+    """The random-k control of a saliency rationale file: per example `random_words` of its prompt's words, drawn
+    with ``random.Random(f"{seed}:{id}")`` (the same for an example whatever the others), as records with ``id``,
+    ``label``, ``words`` (``[[word, null], ...]``) and ``rationale`` (no teacher: no ``answer``, no ``correct``)."""
+    records = []
+    for example in examples:
+        prompt = render_prompt(example, template)
+        words = split_words(prompt.text, prompt.spans)
+        chosen = random_words(words, k, random.Random(f"{seed}:{example.id}"), drop_stop_words=drop_stop_words)
+        records.append(
+            {
+                "id": example.id,
+                "label": example.label,
+                "words": [[word, score] for word, score in chosen],
+                "rationale": rationale_text(chosen),
+            }
+        )
+    return records

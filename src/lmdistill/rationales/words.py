@@ -9,6 +9,7 @@ word.
 
 from __future__ import annotations
 
+import random
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,19 @@ def word_scores(
     return totals
 
 
+def _candidates(words: Sequence[Word], scores: Sequence[float], drop_stop_words: bool) -> list[int]:
+    """The indices of the words a rationale is chosen from: stop words dropped (optional); of a word occurring several
+    times (compared case-insensitively) its highest-scoring occurrence (the earliest on ties)."""
+    best: dict[str, int] = {}
+    for i, word in enumerate(words):
+        key = word.text.lower()
+        if drop_stop_words and key in STOP_WORDS:
+            continue
+        if key not in best or scores[i] > scores[best[key]]:
+            best[key] = i
+    return list(best.values())
+
+
 def select_words(
     words: Sequence[Word],
     scores: Sequence[float],
@@ -122,19 +136,27 @@ def select_words(
     Returns:
         ``[(word, score)]``, at most k of them.
     """
-    best: dict[str, int] = {}
-    for i, word in enumerate(words):
-        key = word.text.lower()
-        if drop_stop_words and key in STOP_WORDS:
-            continue
-        if key not in best or scores[i] > scores[best[key]]:
-            best[key] = i
-    top = sorted(best.values(), key=lambda i: (-scores[i], i))[:k]
+    top = sorted(_candidates(words, scores, drop_stop_words), key=lambda i: (-scores[i], i))[:k]
     if order == "input":
         top.sort()
     return [(words[i].text, float(scores[i])) for i in top]
 
 
-def rationale_text(selected: Sequence[tuple[str, float]]) -> str:
+def random_words(
+    words: Sequence[Word], k: int, rng: random.Random, *, drop_stop_words: bool = True
+) -> list[tuple[str, None]]:
+    """The random control of `select_words`: k of the same candidate words (each distinct word, as first written),
+    drawn uniformly without replacement: ``rng`` shuffles them in input order and the first k remain, so that a
+    smaller k gives a prefix.
+
+    Returns:
+        ``[(word, None)]`` (no score), at most k of them.
+    """
+    order = sorted(_candidates(words, [0.0] * len(words), drop_stop_words))
+    rng.shuffle(order)
+    return [(words[i].text, None) for i in order[:k]]
+
+
+def rationale_text(selected: Sequence[tuple[str, float | None]]) -> str:
     """The rationale as the student's target text: the selected words joined by spaces."""
     return " ".join(word for word, _ in selected)

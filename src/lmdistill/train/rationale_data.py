@@ -1,8 +1,10 @@
 """The data of multitask causal-LM training on labels and rationales (`lmdistill rationales train`), for the engine.
 
 Each example gives a ``predict:`` sequence (its prompt, then the label) and, when it has a rationale, an ``explain:``
-sequence (its prompt, then the rationale); both targets are `continuation` texts followed by the end-of-sequence
-token. Prompt tokens and padding are masked (label -100): only target tokens are predicted.
+sequence (its prompt, ending in its own cue ``Rationale:`` instead of the answer cue, then the rationale); both
+targets are `continuation` texts followed by the end-of-sequence token. Prompt tokens and padding are masked (label
+-100): only target tokens are predicted. A sequence over ``--max-len`` tokens loses tokens of the example's own text
+(`cut_example_text`), never of its prefix, template, cue or target.
 
 Loss of one optimizer step over the examples E of the step (all micro-batches, all processes)::
 
@@ -41,7 +43,7 @@ from lmdistill.losses import chunked_distill_loss
 from lmdistill.objective import LMLoss
 from lmdistill.precision import autocast
 from lmdistill.rationales.records import parse_records
-from lmdistill.rationales.tasks import Example, continuation, render_prompt
+from lmdistill.rationales.tasks import Example, Prompt, continuation, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -179,18 +181,45 @@ class RationaleTrainData:
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, term: int, max_len: int
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, target: str, term: int, max_len: int
 ) -> tuple[TargetSequence, bool]:
-    """Tokenize prompt + `continuation(target)` + end-of-sequence; over ``max_len`` tokens the prompt loses its
-    start (the template's end, next to the target, stays), and the target its end. Returns the sequence and whether
-    it was cut."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    """Tokenize prompt + `continuation(target)` + end-of-sequence; over ``max_len`` tokens the example's own text is
+    cut (`cut_example_text`) and the prefix, the template, its cue and the target stay whole. Returns the sequence and
+    whether it was cut."""
+    prompt_ids = tokenizer(prompt.text)["input_ids"]
     target_ids = tokenizer(continuation(target), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    cut = len(prompt_ids) + len(target_ids) > max_len
-    if cut:
-        target_ids = target_ids[: max_len - 1]
-        prompt_ids = prompt_ids[len(prompt_ids) - (max_len - len(target_ids)) :]
-    return TargetSequence(ids=tuple(prompt_ids + target_ids), start=len(prompt_ids), term=term), cut
+    excess = len(prompt_ids) + len(target_ids) - max_len
+    if excess > 0:
+        prompt_ids = cut_example_text(tokenizer, prompt, excess, len(target_ids), max_len)
+    return TargetSequence(ids=tuple(prompt_ids + target_ids), start=len(prompt_ids), term=term), excess > 0
+
+
+def cut_example_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, excess: int, target_tokens: int, max_len: int
+) -> list[int]:
+    """The prompt's token ids less ``excess`` tokens of the example's own text (tokens overlapping its spans): one at
+    a time from the end of the span that has the most tokens left (the earliest on ties).
+
+    Raises:
+        LmdistillError: a tokenizer without offsets, or a prompt whose other tokens and the target exceed ``max_len``.
+    """
+    if not tokenizer.is_fast:
+        raise LmdistillError("sequences over --max-len are cut inside the example's text: that needs a fast tokenizer")
+    encoded = tokenizer(prompt.text, return_offsets_mapping=True)
+    members: list[list[int]] = [[] for _ in prompt.spans]  # the token positions of each span
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        owner = next((i for i, (a, b) in enumerate(prompt.spans) if start < b and a < end), None)
+        if owner is not None and end > start:
+            members[owner].append(t)
+    kept = len(encoded["input_ids"]) - sum(map(len, members)) + target_tokens
+    if kept > max_len:
+        raise LmdistillError(
+            f"--max-len {max_len} is too short: the prompt without the example's text and the target take {kept} tokens"
+        )
+    dropped = set()
+    for _ in range(excess):
+        dropped.add(max(members, key=len).pop())
+    return [token for t, token in enumerate(encoded["input_ids"]) if t not in dropped]
 
 
 def rationale_targets(examples: list[Example], config: RationaleTrainConfig) -> dict[str, str]:
@@ -254,12 +283,15 @@ def build_data(
     template, cut = config.prompt_template, 0
     encoded = []
     for e in examples:
-        text = render_prompt(e, template, "predict").text
-        sequence, was_cut = encode(tokenizer, text, e.label, LABEL, config.max_len)
-        sequences, cut = [sequence], cut + was_cut
+        targets = [("predict", e.label, LABEL)]
         if e.id in rationales:
-            text = render_prompt(e, template, "explain").text
-            sequence, was_cut = encode(tokenizer, text, rationales[e.id], RATIONALE, config.max_len)
+            targets.append(("explain", rationales[e.id], RATIONALE))
+        sequences = []
+        for mode, target, term in targets:
+            try:
+                sequence, was_cut = encode(tokenizer, render_prompt(e, template, mode), target, term, config.max_len)
+            except LmdistillError as exc:
+                raise LmdistillError(f"the {mode}: sequence of example {e.id!r}: {exc}") from None
             sequences.append(sequence)
             cut += was_cut
         encoded.append(sequences)
