@@ -12,7 +12,7 @@ import yaml
 from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
-from lmdistill.commands.study import run_dir, write_results
+from lmdistill.commands.study import run_dir, student_dir, write_results
 from lmdistill.commands.study_report import headline_table
 from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml

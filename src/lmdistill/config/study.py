@@ -43,7 +43,7 @@ STUDY_ARMS: dict[str, StudyArm] = {
         "guide", "ce", "GUIDE with a random orthonormal projection, cross-entropy", "random"
     ),
     "guide-freq": StudyArm(
-        "guide", "ce", "GUIDE with PCA of the frequency-weighted embeddings, cross-entropy", "frequency"
+        "guide", "ce", "GUIDE with PCA of the frequency-weighted embeddings, cross-entropy", "frequency", "guide"
     ),
     "weight-selection+kd": StudyArm("weight-selection", "kd", "weight selection, distillation"),
 }
