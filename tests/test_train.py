@@ -292,6 +292,13 @@ def test_cached_teacher_with_every_token_kept_equals_the_online_teacher(workspac
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_cached_teacher_is_refused_at_a_temperature_other_than_1_and_the_online_one_is_not(workspace):
+    with pytest.raises(LmdistillError, match="--temperature 2.0 with --teacher-cache: .* use --teacher"):
+        config(workspace, "kd-t2", loss="kd", temperature=2.0, teacher_cache=str(workspace / "cache-full"))
+    config(workspace, "kd-t2", loss="ce+kd", temperature=2.0, teacher=str(workspace / "teacher"))
+    config(workspace, "ce-t2", loss="ce", temperature=2.0, teacher_cache=str(workspace / "cache-full"))  # no kd term
+
+
 def test_batch_gives_the_student_s_side_and_teacher_targets_the_teacher_s(workspace):
     """`PackedTrainData.batch`: ids and their next-token labels; `teacher_targets`: the online teacher's final hidden
     states and head on those ids, the cached top-k of the blocks, or nothing (CE only)."""

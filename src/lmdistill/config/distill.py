@@ -103,6 +103,12 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
             raise LmdistillError("--temperature and --lr must be positive, --weight-decay and --grad-clip >= 0")
         if self.warmup_steps > self.max_steps:
             raise LmdistillError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
+        if self.teacher_cache is not None and self.kd_share > 0 and self.temperature != 1:
+            raise LmdistillError(
+                f"--temperature {self.temperature} with --teacher-cache: the cache keeps the top-k probabilities at "
+                "temperature 1 and the other tokens' mass as one number, and re-tempering needs how that mass is "
+                "spread (spreading it evenly overstates the teacher's tail); use --teacher (online) or --temperature 1"
+            )
 
     @property
     def kd_share(self) -> float:
