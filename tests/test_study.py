@@ -17,6 +17,8 @@ from lmdistill.commands.study_report import headline_table
 from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
+from lmdistill.evaluation import token_multiplier
+from lmdistill.storage import sha256_file
 from lmdistill.train.loop import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +112,35 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
     for name in before[1]["arms"]:
         for old, new in zip(before[1]["arms"][name]["per_seed"], after["arms"][name]["per_seed"]):
             assert new["val_loss"] == old["val_loss"], name  # the rerun from scratch is deterministic too
+
+
+@pytest.mark.integration
+def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_run(study, tmp_path):
+    out, config_file, _ = study
+    committed = tmp_path / "results"  # what a repository keeps: the config and the records, no run directories
+    committed.mkdir()
+    shutil.copy(out / "study_config.yaml", committed)
+    shutil.copytree(out / "records", committed / "records")
+    missing = record_path(committed, 256, "guide+kd", 1)
+    original = json.loads(missing.read_text())
+    missing.unlink()
+    fresh = tmp_path / "fresh"
+    args = ["study", "--config", str(config_file), "--out", str(fresh), "--results", str(committed), "--no-progress"]
+    assert main(args) == 2  # a results directory holding a study is continued only with --resume
+    assert main([*args, "--resume"]) == 0
+    trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+    assert trained == ["256/guide+kd/seed-1"]  # only the run without a record
+    assert sorted(path.name for path in (fresh / "teacher-cache").iterdir()) == ["256"]
+    rebuilt = json.loads(missing.read_text())
+    assert rebuilt["weights_sha256"] == original["weights_sha256"] and rebuilt["scores"] == original["scores"]
+    results = json.loads((committed / "results.json").read_text())
+    assert results["runs_finished"] == results["runs_planned"] == 5
+
+    rebuild = tmp_path / "rebuild"  # --only: one run's student, the same weights, no records or results
+    assert main(["study", "--config", str(config_file), "--out", str(rebuild), "--only", "256/guide+kd/0"]) == 0
+    weights = run_dir(rebuild, 256, "guide+kd", 0) / "final" / "model.safetensors"
+    assert sha256_file(weights) == json.loads(record_path(out, 256, "guide+kd", 0).read_text())["weights_sha256"]
+    assert not (rebuild / "records").exists() and not (rebuild / "results.json").exists()
 
 
 @pytest.mark.integration
@@ -276,3 +307,47 @@ def test_a_teacher_not_better_than_random_leaves_the_gap_closed_undefined(tmp_pa
     teacher_row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
     assert "100 %" not in teacher_row and "| — | — |" in teacher_row
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_token_multiplier_interpolates_random_in_log_tokens_and_bounds_what_lies_outside():
+    assert token_multiplier([100, 400], [5.0, 4.0], 4.5, 100) == (pytest.approx(2.0), "within")  # sqrt(100 * 400)
+    assert token_multiplier([100, 400], [5.0, 4.0], 5.0, 100) == (pytest.approx(1.0), "within")
+    assert token_multiplier([100, 400], [5.0, 4.0], 3.9, 400) == (1.0, "above")
+    assert token_multiplier([100, 400], [5.0, 4.0], 5.2, 400) == (0.25, "below")
+    assert token_multiplier([1, 10, 100], [5.0, 4.0, 3.0], 3.5, 10) == (pytest.approx(10**0.5), "within")
+
+
+def test_budgets_hold_every_arm_per_budget_with_token_multipliers_and_paired_extensions(tmp_path):
+    config = StudyConfig(out=str(tmp_path), arms=["random", "guide", "guide-freq"], seeds=[0, 1],
+                         train_tokens=[40960, 163840], final_eval_sources=["wikipedia"])  # fmt: skip
+    losses = {  # (budget, arm, seed) -> (mixture, wikipedia)
+        (40960, "random", 0): (5.0, 6.0), (40960, "random", 1): (5.2, 6.2),
+        (163840, "random", 0): (4.0, 5.0), (163840, "random", 1): (4.2, 5.2),
+        (40960, "guide", 0): (4.5, 5.0), (40960, "guide", 1): (4.7, 5.2),
+        (163840, "guide", 0): (3.9, 4.6), (163840, "guide", 1): (4.1, 4.8),
+        (40960, "guide-freq", 0): (4.0, 4.0), (40960, "guide-freq", 1): (4.6, 5.2),
+    }  # fmt: skip
+    for (budget, arm, seed), (loss, wiki) in losses.items():
+        fake_run(tmp_path, arm, seed, loss, budget, wiki)
+    fake_teacher(tmp_path, 3.0, 3.0)
+    results = write_results(StudyConfig(**{**vars(config), "report_only": True}), partial=True)
+    assert list(results["budgets"]) == ["40960", "163840"] and results["arms"] == results["budgets"]["163840"]
+    small, large = results["budgets"]["40960"], results["budgets"]["163840"]
+    # guide at 40960: (5 - 4.5) / (5 - 3) = 25 % and (5.2 - 4.7) / (5.2 - 3) = 22.7 % on the mixture
+    assert [r["gap_closed_loss"] for r in small["guide"]["per_seed"]] == pytest.approx([0.25, 0.5 / 2.2])
+    assert small["guide"]["scores"]["wikipedia"]["gap_closed"] == pytest.approx((1 / 3 + 1 / 3.2) / 2)
+    # random reaches 4.5 halfway between 40960 and 163840 in log-tokens: 2x; guide at the large budget is beyond
+    assert small["guide"]["token_multiplier_per_seed"][0] == {"seed": 0, "value": pytest.approx(2.0), "range": "within"}
+    assert small["guide"]["token_multiplier"] == pytest.approx(2.0)
+    assert large["guide"]["token_multiplier"] is None
+    assert {e["range"] for e in large["guide"]["token_multiplier_per_seed"]} == {"above"}
+    # guide-freq against guide, paired by seed: seed 0 closes 50 % vs 25 %, seed 1 (5.2 - 4.6) / 2.2 vs 0.5 / 2.2
+    versus = small["guide-freq"]["vs_extended"]
+    assert versus["arm"] == "guide" and versus["seeds"] == [0, 1]
+    assert versus["sets"]["mixture"]["per_seed"] == pytest.approx([0.25, 0.1 / 2.2])
+    assert versus["sets"]["mixture"]["ratio"] == pytest.approx((0.5 + 0.6 / 2.2) / (0.25 + 0.5 / 2.2))
+    assert "vs_extended" not in large.get("guide-freq", {}) and "guide-freq" not in large
+    report = (tmp_path / "report.md").read_text()
+    assert "## Gap closed on the training mixture, by budget" in report and "| `guide-freq` vs `guide` |" in report
+    assert "## 40,960 training tokens per run" in report and "wikipedia: gap closed" in report
+    assert (tmp_path / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
