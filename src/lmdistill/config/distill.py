@@ -84,7 +84,9 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
     loss: LossMix = field(default="ce", metadata={"help": "ce, kd, or ce+kd mixed by --kd-weight"})
     beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight in [0, 1]"})
     alpha: float = field(default=0.1, metadata={"help": "skew kl: skew in [0, 1]"})
-    eval_tokens: int = field(default=32768, metadata={"help": "held-out tokens per evaluation"})
+    eval_tokens: int = field(
+        default=32768, metadata={"help": "held-out tokens per evaluation, in blocks spaced evenly over the split"}
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -165,7 +167,10 @@ class EvalConfig(Autocast, Corpus):
     model: str | None = field(default=None, metadata={"help": "the model to evaluate: a Hugging Face directory"})
     teacher: str | None = field(default=None, metadata={"help": "teacher to compare with (HF dir, .gguf, default)"})
     baseline: str | None = field(default=None, metadata={"help": "baseline student (random init, same budget)"})
-    eval_tokens: int | None = field(default=None, metadata={"help": "evaluate at most this many tokens (default: all)"})
+    eval_tokens: int | None = field(
+        default=None,
+        metadata={"help": "evaluate at most this many tokens, in blocks spaced evenly over the split (default: all)"},
+    )
     batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
     out: str | None = field(default=None, metadata={"help": "where to write the results (default: MODEL/eval.json)"})
 
