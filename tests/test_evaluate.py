@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +15,7 @@ from conftest import save_tiny_teacher, tiny_teacher, tiny_tokenizer, write_corp
 from lmdistill import precision as precision_module
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
-from lmdistill.evaluation import gap_closed, gap_closed_forms
+from lmdistill.evaluation import gap_closed, gap_closed_forms, heldout_loss, mixture_scores, spread_blocks
 from lmdistill.precision import resolve_precision
 from lmdistill.provenance import environment, recorded_precision
 from lmdistill.train.loop import run_train
@@ -141,3 +142,20 @@ def test_recorded_precision_of_runs_that_differ(tmp_path):
     precision, reason = recorded_precision([tmp_path / n for n in ("a", "b", "old")])
     assert precision == "mixed"
     assert reason == "bf16 in 1 run (auto: CUDA GPU with bf16); fp32 in 1 run (set to fp32)"
+
+
+def test_evaluation_blocks_are_spread_evenly_over_the_split_and_all_taken_when_fewer():
+    blocks = np.arange(100 * 4).reshape(100, 4)
+    chosen = spread_blocks(blocks, 5 * 4 + 3)  # 5 whole blocks
+    np.testing.assert_array_equal(chosen[:, 0] // 4, [0, 25, 50, 74, 99])  # first and last block included
+    np.testing.assert_array_equal(spread_blocks(blocks, 10**6), blocks)
+    np.testing.assert_array_equal(spread_blocks(blocks, 1), blocks[:1])
+
+
+def test_the_mixture_score_weights_each_source_by_its_share_of_the_training_tokens():
+    tiny_lm = tiny_teacher("llama")
+    blocks = {"a": np.zeros((2, 8), dtype=np.int64), "b": np.ones((3, 8), dtype=np.int64)}
+    scores = mixture_scores(tiny_lm, blocks, {"a": 0.25, "b": 0.75}, batch_size=2)
+    alone = {name: heldout_loss(tiny_lm, b, batch_size=2) for name, b in blocks.items()}
+    assert scores["a"] == alone["a"] and scores["b"] == alone["b"]
+    assert scores["mixture"] == pytest.approx(0.25 * alone["a"] + 0.75 * alone["b"])
