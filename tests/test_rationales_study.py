@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -422,6 +423,50 @@ def test_resume_retrains_nothing_and_grown_seeds_run_only_the_new_runs(tiny_stud
     assert study(ws, "study", "--report-only") == 0
     assert trained == [("svamp", "finetune", 1), ("cqa", "finetune", 1)]
     assert json.loads((tiny_study / "results.json").read_text())["tasks"] == before["tasks"]
+
+
+@pytest.mark.integration
+def test_a_fresh_machine_continues_from_the_committed_records(tiny_study, ws, tmp_path, monkeypatch):
+    committed = tmp_path / "results"  # what a repository keeps: the config and the records, no run directories
+    committed.mkdir()
+    shutil.copy(tiny_study / "study_config.yaml", committed)
+    shutil.copytree(tiny_study / "records", committed / "records")
+    missing = study_module.record_path(committed, "svamp", "finetune", 0)
+    original = json.loads(missing.read_text())
+    missing.unlink()
+    calls = []
+    for name in ("run_rationale_train", "run_rationale_eval", "run_extract"):
+        real = getattr(study_module, name)
+        monkeypatch.setattr(study_module, name, lambda config, real=real, name=name: calls.append(name) or real(config))
+    args = ["rationales", "study", "--config", str(ws / "study.yaml"), "--out", str(tmp_path / "fresh"),
+            "--results", str(committed), "--no-progress"]  # fmt: skip
+    assert main(args) == 2  # a results directory holding a study is continued only with --resume
+    assert main([*args, "--resume"]) == 0
+    assert calls == ["run_rationale_train", "run_rationale_eval"]  # no extraction, no teacher evaluation
+    rebuilt = json.loads(missing.read_text())
+    assert rebuilt["predictions"] == original["predictions"] and rebuilt["val_loss"] == original["val_loss"]
+    results = json.loads((committed / "results.json").read_text())
+    assert results["tasks"]["svamp"]["arms"]["finetune"]["per_seed"][0]["accuracy"] == original["accuracy"]
+
+
+def test_vs_finetune_pairs_seeds_and_test_examples_by_hand():
+    def record(seed, correct):
+        predictions = [{"id": i, "correct": c} for i, c in zip("abcd", correct, strict=True)]
+        return {"seed": seed, "accuracy": sum(correct) / 4, "predictions": predictions}
+
+    finetune = [record(0, [1, 0, 0, 1]), record(1, [1, 1, 0, 0])]
+    arm = [record(1, [1, 1, 1, 1]), record(0, [1, 1, 0, 1]), record(2, [0, 0, 0, 0])]  # seed 2: no pair
+    c = study_module.vs_finetune(finetune, arm)
+    assert c["seeds"] == [1, 0]
+    # per example, the difference averaged over the two seeds: a 0, b (0 + 1) / 2, c (1 + 0) / 2, d (1 + 0) / 2
+    assert c["difference"] == pytest.approx(0.375) and 0 <= c["low"] <= 0.375 <= c["high"] <= 0.5
+    assert [(r["seed"], r["difference"], r["only_finetune"], r["only_arm"]) for r in c["per_seed"]] == [
+        (1, 0.5, 0, 2), (0, 0.25, 0, 1)]  # fmt: skip
+    assert [r["mcnemar_p"] for r in c["per_seed"]] == [pytest.approx(0.5), 1.0]  # 2 * P(X <= 0), X ~ B(2, 1/2)
+    assert c["effect"] == (c["low"] > 0)
+    assert study_module.vs_finetune(finetune, [record(5, [1, 1, 1, 1])]) is None
+    with pytest.raises(LmdistillError, match="other examples than finetune's"):
+        study_module.vs_finetune(finetune, [{**record(0, [1, 1, 1, 1]), "predictions": [{"id": "z", "correct": 1}]}])
 
 
 def cli_error(capsys, *args) -> str:

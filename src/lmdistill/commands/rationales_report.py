@@ -49,6 +49,26 @@ def task_table(task: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def vs_finetune_table(task: dict[str, Any]) -> str | None:
+    """Every arm against `finetune`, paired: the accuracy difference (points; mean over the shared seeds) with its 95 %
+    paired-bootstrap interval over test examples, each seed's difference and McNemar p; None without comparisons."""
+    rows = []
+    for name, arm in task["arms"].items():
+        c = arm.get("vs_finetune")
+        if not c:
+            continue
+        seeds = ", ".join(f"{100 * r['difference']:+.1f} (p = {r['mcnemar_p']:.2g})" for r in c["per_seed"])
+        verdict = "effect" if c["effect"] else "within the noise"
+        rows.append(
+            f"| `{name}` | {100 * c['difference']:+.1f} | [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] | {seeds} "
+            f"| {verdict} |"
+        )
+    if not rows:
+        return None
+    head = "| arm | vs finetune (points) | 95 % interval | per seed (McNemar p) | reading |"
+    return "\n".join([head, "|---|---|---|---|---|", *rows])
+
+
 def word_share_line(task: dict[str, Any]) -> str | None:
     """One sentence: per k the share of rationale words that occur in the gold answer (the paper's measure), and in
     the gold answer or one of the choices."""
@@ -117,6 +137,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     for name, task in results["tasks"].items():
         sections.append(f"## {TASK_NAMES.get(name, name)}")
         sections.append(task_table(task))
+        comparison = vs_finetune_table(task)
+        if comparison:
+            sections += [
+                "Against `finetune`, paired by seed and test example (an effect only where the interval excludes 0):",
+                comparison,
+            ]
         line = word_share_line(task)
         if line:
             sections.append(line)

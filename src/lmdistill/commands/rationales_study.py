@@ -24,13 +24,21 @@ Layout of a study directory:
     tasks/<task>/random-k<K>.jsonl           the random-k rationales of the training examples (+ .config.yaml)
     tasks/<task>/runs/<arm>/seed-<S>/        one `rationales train` directory per arm and seed (student in final/;
                                              checkpoints removed once evaluated unless keep_checkpoints)
-    tasks/<task>/runs/<arm>/seed-<S>/eval.json   its accuracy on the evaluation split; a run is finished when it
-                                                 exists
-    results.json, report.md, accuracy_vs_k.png
+    tasks/<task>/runs/<arm>/seed-<S>/eval.json   its accuracy on the evaluation split
 
-Every stage is kept on disk, so `--resume` skips what is done: the teacher's evaluation, the extraction (itself
-resumable), finished runs; an interrupted run continues from its latest checkpoint. Tasks, arms, k values and seeds
-may be added on resume; settings that shape results may not change.
+and of its results directory (`--results`, default `--out`), the part to keep (commit it):
+
+    study_config.yaml                            the config the records were made with
+    records/<task>/teacher_eval.json             the teacher's evaluation
+    records/<task>/rationale_words.json          what the saliency rationales' words are (shares, count, accuracy)
+    records/<task>/<arm>/seed-<S>.json           one record per finished run: its evaluation with every prediction,
+                                                 its held-out label loss, time and precision
+    results.json, report.md, accuracy_vs_k.png   built from the records alone
+
+A run with a record is finished, so `--resume` on any machine trains only the runs without one; the teacher's
+evaluation and the extraction (itself resumable) are redone only when a missing record needs them; an interrupted
+run continues from its latest checkpoint. Tasks, arms, k values and seeds may be added on resume; settings that shape
+results may not change.
 
 Launch: `lmdistill rationales study --config configs/rationales-svamp-cqa.yaml`.
 """
@@ -46,6 +54,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from lmdistill.commands.rationales_eval import run_rationale_eval
@@ -55,10 +64,10 @@ from lmdistill.commands.rationales_train import run_rationale_train
 from lmdistill.commands.study import check_resumable
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
-from lmdistill.provenance import environment, recorded_precision
+from lmdistill.provenance import combined_precision, environment
 from lmdistill.rationales.records import random_records, read_records, write_first_words, write_records
 from lmdistill.rationales.tasks import Example, load_task, task_spec
-from lmdistill.stats import spread
+from lmdistill.stats import mcnemar, paired_bootstrap, spread
 from lmdistill.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -109,21 +118,75 @@ def _evaluate(config: RationaleStudyConfig, task: str, model: str, path: Path) -
     return results
 
 
+def results_dir(config: RationaleStudyConfig) -> Path:
+    """Where the study's records and results go: `--results`, else `--out`."""
+    return Path(config.results or config.out)
+
+
+def record_path(results: Path, task: str, arm: str, seed: int) -> Path:
+    """The record of one finished run."""
+    return results / "records" / task / arm / f"seed-{seed}.json"
+
+
+def teacher_record_path(results: Path, task: str) -> Path:
+    """The record of the teacher's evaluation on a task."""
+    return results / "records" / task / "teacher_eval.json"
+
+
+def words_record_path(results: Path, task: str) -> Path:
+    """The record of what a task's saliency rationale words are."""
+    return results / "records" / task / "rationale_words.json"
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
 def _teacher_accuracy(config: RationaleStudyConfig, out: Path, task: str) -> None:
-    path = task_dir(out, task) / "teacher_eval.json"
-    if path.is_file():
+    record = teacher_record_path(results_dir(config), task)
+    if record.is_file():
         return
-    teacher = config.teacher_of(task)
-    log.info("task %s: evaluating the teacher %s on the %s split", task, teacher, config.eval_split)
-    results = _evaluate(config, task, teacher, path)
-    log.info("task %s: teacher accuracy %.1f%%", task, 100 * results["accuracy"])
+    path = task_dir(out, task) / "teacher_eval.json"
+    if not path.is_file():
+        teacher = config.teacher_of(task)
+        log.info("task %s: evaluating the teacher %s on the %s split", task, teacher, config.eval_split)
+        results = _evaluate(config, task, teacher, path)
+        log.info("task %s: teacher accuracy %.1f%%", task, 100 * results["accuracy"])
+    _write_json(record, json.loads(path.read_text()))
 
 
-def _saliency_rationales(config: RationaleStudyConfig, out: Path, task: str) -> None:
-    """Extract the task's rationales at the largest k (resumable), then write each smaller k as their prefixes."""
+def _words_record(config: RationaleStudyConfig, out: Path, task: str) -> dict[str, Any]:
+    """The saliency rationales' words at every k: the paper's share (in the gold answer), the share in the answer or
+    a choice, the number of records and the teacher's accuracy on the examples it explained."""
+    examples = {
+        e.id: e for e in load_task(task, "train", size=config.size, seed=config.data_seed, limit=config.train_limit)
+    }
+    record: dict[str, Any] = {"rationale_word_share": {}, "rationale_word_share_any_choice": {}}
+    for k in sorted(config.saliency_ks):
+        records = read_records(rationale_file(out, task, k))
+        record["rationale_word_share"][str(k)] = rationale_word_share(records)
+        record["rationale_word_share_any_choice"][str(k)] = rationale_word_share_any_choice(records, examples)
+        record["rationale_records"] = len(records)
+        record["train_teacher_accuracy"] = (
+            sum(bool(r.get("correct")) for r in records) / len(records) if records else None
+        )
+    return record
+
+
+def _saliency_rationales(
+    config: RationaleStudyConfig, out: Path, task: str, pending: list[tuple[str, str, int]]
+) -> None:
+    """Extract the task's rationales at the largest k (resumable), then write each smaller k as their prefixes, when
+    a pending run trains on them or their words are not recorded for every k."""
     if not any(config.saliency_k(arm) for arm in config.arm_names(task)):
         return
     ks = sorted(config.saliency_ks)
+    words = words_record_path(results_dir(config), task)
+    recorded = json.loads(words.read_text())["rationale_word_share"] if words.is_file() else {}
+    needed = any(t == task and config.saliency_k(arm) for t, arm, _ in pending)
+    if not needed and all(str(k) in recorded for k in ks):
+        return
     source = rationale_file(out, task, ks[-1])
     source.parent.mkdir(parents=True, exist_ok=True)
     summary = run_extract(config.extract_config(task, out=str(source)))
@@ -132,11 +195,12 @@ def _saliency_rationales(config: RationaleStudyConfig, out: Path, task: str) -> 
         target = rationale_file(out, task, k)
         if not target.is_file() or len(read_records(target)) != summary["total"]:
             write_first_words(source, target, k)
+    _write_json(words, _words_record(config, out, task))
 
 
-def _random_rationales(config: RationaleStudyConfig, out: Path, task: str) -> None:
-    """Write the task's random-k rationale files that are missing (each k drawn directly: the draws are cheap)."""
-    ks = [config.arm_k(arm) for arm in config.arm_names(task) if config.arm_kind(arm) == "random"]
+def _random_rationales(config: RationaleStudyConfig, out: Path, task: str, pending: list[tuple[str, str, int]]) -> None:
+    """Write the random-k rationale files that pending runs need (each k drawn directly: the draws are cheap)."""
+    ks = [config.arm_k(arm) for t, arm, _ in pending if t == task and config.arm_kind(arm) == "random"]
     missing = [k for k in ks if k is not None and not random_file(out, task, k).is_file()]
     if not missing:
         return
@@ -155,6 +219,7 @@ def _random_rationales(config: RationaleStudyConfig, out: Path, task: str) -> No
 
 
 def _finish_run(config: RationaleStudyConfig, out: Path, task: str, arm: str, seed: int) -> None:
+    """Train (or continue) and evaluate one run, then write its record."""
     run = run_dir(out, task, arm, seed)
     if not (run / "summary.json").is_file():  # the summary is written after final/: the training is done
         rationales = arm_rationales(config, out, task, arm)
@@ -167,9 +232,20 @@ def _finish_run(config: RationaleStudyConfig, out: Path, task: str, arm: str, se
             resume=latest_checkpoint(run / "checkpoints") is not None,
         )
         run_rationale_train(train_config)
-    _evaluate(config, task, str(run / "final"), run / "eval.json")
+    evaluation = _evaluate(config, task, str(run / "final"), run / "eval.json")
     if not config.keep_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    summary = json.loads((run / "summary.json").read_text())
+    env = json.loads((run / "environment.json").read_text())
+    record = {key: evaluation[key] for key in ("accuracy", "correct", "total", "model_name", "predictions")}
+    record.update(
+        seed=seed,
+        val_loss=summary.get("val_loss"),
+        seconds=summary.get("seconds"),
+        precision=env.get("precision"),
+        precision_reason=env.get("precision_reason"),
+    )
+    _write_json(record_path(results_dir(config), task, arm, seed), record)
 
 
 def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
@@ -181,30 +257,38 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
     Returns:
         The results (as in `results.json`), plus ``written_to``: the study directory.
     """
-    out = Path(config.out)
+    out, results = Path(config.out), results_dir(config)
     if config.report_only:
-        return write_results(config, out, partial=True)
+        return write_results(config, partial=True)
     check_study_resumable(config, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study_config.yaml").write_text(to_yaml(config))
+    if results != out:
+        check_study_resumable(config, results)
+    for directory in (out, results):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "study_config.yaml").write_text(to_yaml(config))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
+    runs = config.runs()
+    pending = [run for run in runs if not record_path(results, *run).is_file()]
     for task in config.tasks:
         _teacher_accuracy(config, out, task)
-        _saliency_rationales(config, out, task)
-        _random_rationales(config, out, task)
+        _saliency_rationales(config, out, task, pending)
+        _random_rationales(config, out, task, pending)
 
-    runs = config.runs()
-    done = [(run_dir(out, *run) / "eval.json").is_file() for run in runs]
-    overall = tqdm(total=len(runs), initial=sum(done), unit="run", desc="rationales study", disable=not config.progress)
-    for (task, arm, seed), finished in zip(runs, done):
-        if finished:
-            continue
+    overall = tqdm(
+        total=len(runs),
+        initial=len(runs) - len(pending),
+        unit="run",
+        desc="rationales study",
+        disable=not config.progress,
+    )
+    for task, arm, seed in pending:
         overall.set_description(f"task {task} arm {arm} seed {seed}")
         _finish_run(config, out, task, arm, seed)
+        write_results(config, partial=True)
         overall.update(1)
     overall.close()
-    return write_results(config, out)
+    return write_results(config)
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -253,8 +337,62 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _task_results(config: RationaleStudyConfig, out: Path, task: str, partial: bool) -> dict[str, Any]:
-    teacher = _read(task_dir(out, task) / "teacher_eval.json")
+def _correctness(records: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
+    """bool [seeds, n]: whether each run answered each example of ``ids`` correctly."""
+    rows = []
+    for record in records:
+        correct = {p["id"]: bool(p["correct"]) for p in record["predictions"]}
+        if set(correct) != set(ids):
+            raise LmdistillError(f"the runs of seed {record['seed']} were evaluated on other examples than finetune's")
+        rows.append([correct[i] for i in ids])
+    return np.array(rows, dtype=bool)
+
+
+def vs_finetune(finetune: list[dict[str, Any]], arm: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """An arm against `finetune`, paired by seed and test example: each seed's accuracy difference and McNemar's
+    exact test, and the mean difference over the shared seeds with a 95 % paired-bootstrap interval over test
+    examples (the same examples resampled for every seed). An effect only where the interval excludes 0.
+
+    Args:
+        finetune: the finetune runs' records (``seed``, ``accuracy``, ``predictions``).
+        arm: the arm's records.
+
+    Returns:
+        ``seeds``, ``difference``, ``low``, ``high``, ``level``, ``effect`` and ``per_seed`` (``seed``,
+        ``difference``, ``only_finetune``, ``only_arm``, ``mcnemar_p``); None without a shared seed.
+    """
+    base = {r["seed"]: r for r in finetune}
+    pairs = [(base[r["seed"]], r) for r in arm if r["seed"] in base]
+    if not pairs:
+        return None
+    ids = [p["id"] for p in pairs[0][0]["predictions"]]
+    base_correct, arm_correct = _correctness([b for b, _ in pairs], ids), _correctness([a for _, a in pairs], ids)
+    interval = paired_bootstrap(base_correct, arm_correct)
+    per_seed = []
+    for (b, a), base_row, arm_row in zip(pairs, base_correct, arm_correct, strict=True):
+        test = mcnemar(base_row, arm_row)
+        per_seed.append(
+            {
+                "seed": a["seed"],
+                "difference": a["accuracy"] - b["accuracy"],
+                "only_finetune": test.only_baseline,
+                "only_arm": test.only_arm,
+                "mcnemar_p": test.p_value,
+            }  # fmt: skip
+        )
+    return {
+        "seeds": [a["seed"] for _, a in pairs],
+        "difference": interval.difference,
+        "low": interval.low,
+        "high": interval.high,
+        "level": interval.level,
+        "effect": interval.excludes_zero,
+        "per_seed": per_seed,
+    }
+
+
+def _task_results(config: RationaleStudyConfig, results: Path, task: str, partial: bool) -> dict[str, Any]:
+    teacher = _read(teacher_record_path(results, task))
     result: dict[str, Any] = {
         "teacher_accuracy": teacher["accuracy"] if teacher else None,
         "teacher": {k: teacher[k] for k in ("model", "model_name", "correct", "total")} if teacher else None,
@@ -262,76 +400,66 @@ def _task_results(config: RationaleStudyConfig, out: Path, task: str, partial: b
         "rationale_word_share_any_choice": {},
         "arms": {},
     }
-    files = {k: rationale_file(out, task, k) for k in sorted(config.saliency_ks)}
-    if any(config.saliency_k(arm) for arm in config.arm_names(task)) and any(f.is_file() for f in files.values()):
-        examples = {
-            e.id: e for e in load_task(task, "train", size=config.size, seed=config.data_seed, limit=config.train_limit)
-        }
-        for k, path in files.items():
-            records = read_records(path)
-            if records:
-                result["rationale_word_share"][str(k)] = rationale_word_share(records)
-                result["rationale_word_share_any_choice"][str(k)] = rationale_word_share_any_choice(records, examples)
-                result.setdefault("rationale_records", len(records))
-                result["train_teacher_accuracy"] = sum(bool(r.get("correct")) for r in records) / len(records)
+    words = _read(words_record_path(results, task))
+    if words and any(config.saliency_k(arm) for arm in config.arm_names(task)):
+        for key in ("rationale_word_share", "rationale_word_share_any_choice"):
+            result[key] = {str(k): words[key][str(k)] for k in sorted(config.saliency_ks) if str(k) in words[key]}
+        result.update(
+            rationale_records=words["rationale_records"], train_teacher_accuracy=words["train_teacher_accuracy"]
+        )
+    records: dict[str, list[dict[str, Any]]] = {}
     for arm in config.arm_names(task):
-        per_seed = []
         for seed in config.seeds:
-            run = run_dir(out, task, arm, seed)
-            evaluation = _read(run / "eval.json")
-            if evaluation is None:
-                if partial:
-                    continue
-                raise LmdistillError(f"run {run} has not finished")
-            summary = _read(run / "summary.json") or {}
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "accuracy": evaluation["accuracy"],
-                    "correct": evaluation["correct"],
-                    "total": evaluation["total"],
-                    "val_loss": summary.get("val_loss"),
-                    "seconds": summary.get("seconds"),
-                }
-            )
-        if per_seed:
-            accuracies = [r["accuracy"] for r in per_seed]
-            result["arms"][arm] = {
-                "accuracy_mean": statistics.mean(accuracies),
-                "accuracy_std": spread(accuracies),
-                "k": config.arm_k(arm),
-                "rationale_source": config.rationale_source(arm),
-                "seeds": [r["seed"] for r in per_seed],
-                "per_seed": per_seed,
-            }
+            record = _read(record_path(results, task, arm, seed))
+            if record is None and not partial:
+                raise LmdistillError(f"run {task}/{arm}/seed-{seed} has not finished (no record in {results})")
+            if record is not None:
+                records.setdefault(arm, []).append(record)
+    for arm, runs in records.items():
+        accuracies = [r["accuracy"] for r in runs]
+        result["arms"][arm] = {
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_std": spread(accuracies),
+            "k": config.arm_k(arm),
+            "rationale_source": config.rationale_source(arm),
+            "seeds": [r["seed"] for r in runs],
+            "per_seed": [
+                {k: r[k] for k in ("seed", "accuracy", "correct", "total", "val_loss", "seconds")} for r in runs
+            ],
+        }
+        if arm != "finetune" and "finetune" in records:
+            result["arms"][arm]["vs_finetune"] = vs_finetune(records["finetune"], runs)
     return result
 
 
-def collect_results(config: RationaleStudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
-    """Gather the finished runs: per task the teacher's accuracy, the rationale words' share in the gold answer (and
-    in the answer or a choice), and per arm the accuracy per seed, its mean and sample standard deviation (None for
-    one seed).
+def collect_results(config: RationaleStudyConfig, results: Path, *, partial: bool = False) -> dict[str, Any]:
+    """Gather the records of the finished runs: per task the teacher's accuracy, the rationale words' share in the
+    gold answer (and in the answer or a choice), and per arm the accuracy per seed, its mean and sample standard
+    deviation (None for one seed) and its paired comparison with `finetune` (`vs_finetune`).
 
     Args:
         config: the study's config.
-        out: the study directory.
+        results: the results directory (holding ``records/``).
         partial: skip unfinished runs instead of refusing them.
     """
-    tasks = {task: _task_results(config, out, task, partial) for task in config.tasks}
+    tasks = {task: _task_results(config, results, task, partial) for task in config.tasks}
     finished = sum(len(arm["per_seed"]) for t in tasks.values() for arm in t["arms"].values())
     if not finished:
-        raise LmdistillError(f"no run of the rationale study in {out} has finished yet")
+        raise LmdistillError(f"no run of the rationale study in {results} has finished yet")
+    recorded = [_read(record_path(results, *run)) for run in config.runs()]
+    precision = combined_precision((r["precision"], r["precision_reason"]) for r in recorded if r and r["precision"])
     return {
         "tasks": tasks,
         "runs_finished": finished,
         "runs_planned": len(config.runs()),
         "config": vars(config),
-        "environment": environment(recorded_precision(run_dir(out, *run) for run in config.runs())),
+        "environment": environment(precision),
     }
 
 
-def write_results(config: RationaleStudyConfig, out: Path, *, partial: bool = False) -> dict[str, Any]:
-    """Collect the results and write results.json, report.md and accuracy_vs_k.png; return the results."""
+def write_results(config: RationaleStudyConfig, *, partial: bool = False) -> dict[str, Any]:
+    """Collect the records into results.json, report.md and accuracy_vs_k.png in the results directory."""
+    out = results_dir(config)
     results = collect_results(config, out, partial=partial)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out / "report.md")

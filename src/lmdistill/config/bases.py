@@ -39,6 +39,13 @@ class StudyRun:
         metadata={"help": "write results, report and plots from the runs finished so far, without training"},
     )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    results: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory of the results and of every finished run's record (default: --out; commit it); with "
+            "--resume, runs recorded there are not trained again, on any machine"
+        },
+    )
 
 
 @dataclass

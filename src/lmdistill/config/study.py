@@ -106,13 +106,6 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         default_factory=list,
         metadata={"help": "sources also scored on their own, each on at least --final-eval-tokens (or all it has)"},
     )
-    results: str | None = field(
-        default=None,
-        metadata={
-            "help": "directory of the results and of every finished run's record (default: --out); with --resume, "
-            "runs recorded there are not trained again, on any machine"
-        },
-    )
     only: list[str] = field(
         default_factory=list,
         metadata={
