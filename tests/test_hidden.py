@@ -27,7 +27,7 @@ from lmdistill.losses import hidden_loss
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import load_teacher
 from lmdistill.models.shape import derive_student_shape
-from lmdistill.teacher_cache import TeacherCache
+from lmdistill.teacher_cache import TeacherCache, write_cache
 from lmdistill.train.loop import run_train
 
 STUDENT = ["--hidden-size", "16", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1"]
@@ -164,6 +164,18 @@ def test_the_cache_holds_the_projected_hidden_states_of_the_same_teacher_pass(wo
     assert TeacherCache.open(workspace / "cache-plain", data, 96).hidden is None  # a cache without them still opens
 
 
+def test_states_that_overflow_float16_are_refused_before_a_shard_is_written(workspace):
+    teacher = load_teacher(str(workspace / "teacher"))
+    with torch.no_grad():
+        teacher.model.get_input_embeddings().weight.mul_(1e6)  # the residual stream starts at the embeddings
+    data = prepare_data([str(workspace / "corpus")], teacher.tokenizer, 16, val_fraction=0.2, progress=False)
+    out = workspace / "cache-overflow"
+    with pytest.raises(LmdistillError, match="overflow float16"):
+        write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=8, precision="fp32",
+                    progress=False, hidden=hidden.HiddenSpec(16, 2))  # fmt: skip
+    assert not list(out.glob("shard-*"))
+
+
 def test_a_cached_hkd_run_trains_its_hidden_loss_down_and_matches_the_online_teacher(workspace):
     full = hidden_cache(workspace, "cache-hidden-full", top_k=96)  # every token: the kd term is the online one
     cached = run_train(config(workspace, "hkd-cached", teacher_cache=str(full), max_steps=12, eval_every=12,
@@ -288,3 +300,15 @@ def test_a_study_saved_before_a_setting_existed_resumes_with_its_default(workspa
     with pytest.raises(LmdistillError, match="different hidden_weight"):
         study_command.check_resumable(StudyConfig(out=str(out), resume=True, hidden_weight=2.0), out,
                                       growable=study_command.GROWABLE)  # fmt: skip
+
+
+def test_the_study_dry_run_counts_the_hidden_states_in_the_cache_s_disk(workspace):
+    from lmdistill.commands.estimate import estimate_study
+
+    settings = dict(out="x", teacher=str(workspace / "teacher"), hidden_size=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, intermediate_size=24, seq_len=16, batch_size=4, train_tokens=[256],
+                    eval_points=2)  # fmt: skip
+    plain = estimate_study(StudyConfig(**settings, arms=["guide+kd"]))
+    with_hkd = estimate_study(StudyConfig(**settings, arms=["guide+kd", "guide+hkd"]))
+    assert with_hkd.cache_disk - plain.cache_disk == 4 * 4 * 16 * (2 * 16) * 2  # blocks x L x H x d_S x 2 bytes
+    assert "with hidden states 2 x 16 float16" in with_hkd.cache_how

@@ -276,3 +276,18 @@ def test_a_teacher_not_better_than_random_leaves_the_gap_closed_undefined(tmp_pa
     teacher_row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
     assert "100 %" not in teacher_row and "| — | — |" in teacher_row
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_the_hidden_state_arms_and_compares_guide_hkd_with_guide_kd_by_seed(tmp_path):
+    config = StudyConfig(out=str(tmp_path), arms=["random", "guide+kd", "guide+hkd"], seeds=[0, 1], hidden_weight=0.5)
+    for seed in (0, 1):
+        fake_run(tmp_path, "random", seed, 5.0)
+        fake_run(tmp_path, "guide+kd", seed, 4.0)
+        fake_run(tmp_path, "guide+hkd", seed, 3.5 + 0.1 * seed)
+    fake_teacher(tmp_path, 3.0)
+    results = write_results(config)
+    comparison = results["budgets"]["40960"]["guide+hkd"]["vs_extended"]
+    assert comparison["arm"] == "guide+kd" and comparison["seeds"] == [0, 1]
+    assert comparison["sets"]["mixture"]["per_seed"] == pytest.approx([0.25, 0.2])
+    report = (tmp_path / "report.md").read_text()
+    assert "Hidden-state arms (`guide+hkd`) add 0.5 × (1 − cosine)" in report
