@@ -190,6 +190,16 @@ def test_a_cached_hkd_run_trains_its_hidden_loss_down_and_matches_the_online_tea
     assert cached["val_loss"] == pytest.approx(online["val_loss"], rel=1e-3)
 
 
+def test_gradient_accumulation_does_not_change_an_hkd_update(workspace):
+    cache = str(hidden_cache(workspace))
+    for run, batch, accum in (("hkd-1x8", 8, 1), ("hkd-4x2", 2, 4)):
+        run_train(config(workspace, run, teacher_cache=cache, batch_size=batch, grad_accum=accum, max_steps=2))
+    a = AutoModelForCausalLM.from_pretrained(workspace / "hkd-1x8" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(workspace / "hkd-4x2" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_a_kd_run_is_the_same_from_a_cache_with_hidden_states_and_its_weight_scales_the_term(workspace):
     run_train(config(workspace, "kd-plain", loss="kd", teacher_cache=str(workspace / "cache-plain")))
     run_train(config(workspace, "kd-hidden", loss="kd", teacher_cache=str(hidden_cache(workspace))))

@@ -5,8 +5,9 @@ One optimizer step is `train_step`. For each micro-batch, inside autocast: the d
 teacher's forward pass happens there, `PackedTrainData.teacher_targets` running it on the micro-batch to its final
 hidden states, with `--teacher-cache` the cached top-k distribution of the blocks is looked up, and for CE only
 there is nothing; then the student's forward pass and the loss, one call of the loss module (`LMLoss`: the
-student's final hidden states and output head go through `chunked_distill_loss` together with the teacher's), and
-the backward pass. Then the sums are reduced over processes, checked, and the gradients clipped and applied. Every
+student's final hidden states and output head go through `chunked_distill_loss` together with the teacher's; with
+the `+hkd` losses also the residual stream of its blocks through `hidden_loss`, `lmdistill.hidden`), and the backward
+pass. Then the sums are reduced over processes, checked, and the gradients clipped and applied. Every
 loss is normalized by the global count of predicted tokens of the optimizer step (`TrainData.step_options`), so
 gradient accumulation and the number of processes do not change the update. The loss is part of the forward of the
 module that DDP wraps or FSDP shards, so one code path serves one process, DDP and FSDP.
