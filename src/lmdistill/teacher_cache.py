@@ -104,8 +104,8 @@ def write_cache(
     projected hidden states, in the same forward passes).
 
     A non-empty `out` is refused unless `resume` (continue the build it holds: refused unless it has the same teacher
-    fingerprint, data, seq_len, top_k and blocks) or `overwrite` (delete its cache files first: refused if it holds
-    any other file). Every refusal comes before the teacher's first forward pass.
+    fingerprint, data, seq_len, top_k, blocks and hidden states) or `overwrite` (delete its cache files first:
+    refused if it holds any other file). Every refusal comes before the teacher's first forward pass.
 
     Args:
         teacher: the teacher causal LM (eval mode).
