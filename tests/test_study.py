@@ -351,3 +351,18 @@ def test_budgets_hold_every_arm_per_budget_with_token_multipliers_and_paired_ext
     assert "## Gap closed on the training mixture, by budget" in report and "| `guide-freq` vs `guide` |" in report
     assert "## 40,960 training tokens per run" in report and "wikipedia: gap closed" in report
     assert (tmp_path / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_the_hidden_state_arms_and_compares_guide_hkd_with_guide_kd_by_seed(tmp_path):
+    config = StudyConfig(out=str(tmp_path), arms=["random", "guide+kd", "guide+hkd"], seeds=[0, 1], hidden_weight=0.5)
+    for seed in (0, 1):
+        fake_run(tmp_path, "random", seed, 5.0)
+        fake_run(tmp_path, "guide+kd", seed, 4.0)
+        fake_run(tmp_path, "guide+hkd", seed, 3.5 + 0.1 * seed)
+    fake_teacher(tmp_path, 3.0)
+    results = write_results(config)
+    comparison = results["budgets"]["40960"]["guide+hkd"]["vs_extended"]
+    assert comparison["arm"] == "guide+kd" and comparison["seeds"] == [0, 1]
+    assert comparison["sets"]["mixture"]["per_seed"] == pytest.approx([0.25, 0.2])
+    report = (tmp_path / "report.md").read_text()
+    assert "Hidden-state arms (`guide+hkd`) add 0.5 × (1 − cosine)" in report

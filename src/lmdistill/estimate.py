@@ -107,10 +107,11 @@ class Estimate:
         return "\n".join(rows)
 
 
-def cache_bytes(blocks: int, seq_len: int, top_k: int) -> int:
-    """Disk of a teacher cache of `blocks` blocks: ids int32 and logprobs float32 [L, K], tail float32 [L] and the
-    block index (int64) per block (README, `cache-teacher`, format)."""
-    return blocks * (seq_len * top_k * (FLOAT + FLOAT) + seq_len * FLOAT + 8)
+def cache_bytes(blocks: int, seq_len: int, top_k: int, hidden: int = 0) -> int:
+    """Disk of a teacher cache of `blocks` blocks: ids int32 and logprobs float32 [L, K], tail float32 [L], the
+    block index (int64) and `hidden` float16 hidden-state values per position ([L, H, d_S]: H x d_S) per block
+    (README, `cache-teacher`, format)."""
+    return blocks * (seq_len * top_k * (FLOAT + FLOAT) + seq_len * FLOAT + 8 + seq_len * hidden * 2)
 
 
 def training_estimate(

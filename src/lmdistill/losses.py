@@ -33,6 +33,7 @@ __all__ = [
     "chunked_distill_loss",
     "cross_entropy",
     "divergence",
+    "hidden_loss",
     "kd_loss",
     "sparse_kd_loss",
 ]
@@ -494,6 +495,36 @@ def sparse_kd_loss(
         student_logits[valid], teacher_ids[valid], teacher_logprobs[valid], kind, temperature, beta, alpha
     )
     return _normalize(loss_sum, valid, num_items)
+
+
+def hidden_loss(
+    student_hidden: Tensor, target: Tensor, valid: Tensor, num_items: int | Tensor | None = None, eps: float = 1e-8
+) -> Tensor:
+    """Hidden-state distillation: 1 - cosine(student, target) per valid position, summed, divided by ``num_items``.
+
+    Cosine rather than MSE: it is bounded in [0, 2] and blind to each state's norm, which grows with depth and varies
+    by orders of magnitude between positions, so one weight serves every layer and no position dominates.
+
+    Args:
+        student_hidden: ``[B, T, d]`` student states.
+        target: ``[B, T, d]`` targets (constants: detached), any floating dtype.
+        valid: ``[B, T]`` bool, the positions that count (the predicted ones).
+        num_items: Normalizer, see :func:`cross_entropy`.
+        eps: floor of the product of the two norms.
+
+    Returns:
+        The loss, a scalar in float32 (float64 for float64 states).
+    """
+    if tuple(target.shape) != tuple(student_hidden.shape) or tuple(valid.shape) != tuple(student_hidden.shape[:-1]):
+        raise LmdistillError(
+            f"hidden_loss: student {tuple(student_hidden.shape)}, target {tuple(target.shape)} and valid "
+            f"{tuple(valid.shape)} must be [B, T, d], [B, T, d] and [B, T]"
+        )
+    _check_num_items(num_items)
+    s = _upcast(student_hidden[valid])  # [N, d]
+    t = target.detach()[valid].to(s.dtype)  # [N, d]
+    cosine = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1)).clamp(min=eps)  # [N]
+    return _normalize((1 - cosine).sum(), valid, num_items)
 
 
 # ----------------------------------------------------------------------------------------------------------------

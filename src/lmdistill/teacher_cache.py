@@ -12,6 +12,11 @@ Format (version 2), one directory:
   `ids` int32 [n, L, K] (the teacher's top-K next-token ids at each position, most probable first),
   `logprobs` float32 [n, L, K] (their log-probabilities at temperature 1) and `tail` float32 [n, L]
   (1 - the sum of those probabilities: the mass of the other V - K tokens).
+- With hidden states (`cache-teacher --hidden-student`; `lmdistill.hidden`), the manifest also has `hidden`:
+  `{"width": d_S, "student_num_layers": L_S, "layers": [{"student", "teacher"}], "projection": "uncentered",
+  "projection_sha256", "dtype": "float16"}`, and each shard `hidden` float16 [n, L, H, d_S]: the teacher's residual
+  stream after each of the H teacher blocks of `layers`, times the GUIDE projection M. A manifest without `hidden` is
+  a cache without them (every cache written before they existed).
 
 Position t of a block holds the teacher's distribution over the token at t + 1. While a build runs, its manifest is
 `manifest.incomplete.json`; `manifest.json` replaces it after the last shard. Shards are written atomically, so an
@@ -40,6 +45,15 @@ from tqdm.auto import tqdm
 
 from lmdistill.data.packed import PackedData, tokenizer_fingerprint
 from lmdistill.errors import LmdistillError
+from lmdistill.hidden import (
+    PROJECTION,
+    HiddenSpec,
+    decoder_layers,
+    fingerprint,
+    layer_pairs,
+    projection,
+    teacher_states,
+)
 from lmdistill.precision import autocast
 from lmdistill.storage import staged
 
@@ -53,10 +67,10 @@ CACHE_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})\.partial-[0-9a-f]{{32}}")
 # what must agree for --resume, the most telling first (a different seq_len also changes the data fingerprint)
 RESUME_KEYS = (
     "format", "version", "seq_len", "top_k", "tokenizer_fingerprint", "vocab_size", "data_fingerprint",
-    "data_num_blocks", "teacher_fingerprint", "temperature", "num_blocks", "shards",
+    "data_num_blocks", "teacher_fingerprint", "temperature", "num_blocks", "hidden", "shards",
 )  # fmt: skip
 _RESUME_HINTS = {"teacher_fingerprint": " (other teacher weights)", "data_fingerprint": " (other --data text)",
-                 "num_blocks": " (another --samples or --seed)"}  # fmt: skip
+                 "num_blocks": " (another --samples or --seed)", "hidden": " (another --hidden-student)"}  # fmt: skip
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -84,12 +98,14 @@ def write_cache(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    hidden: HiddenSpec | None = None,
 ) -> dict[str, Any]:
-    """Compute and store the teacher's top-k next-token distribution on training blocks.
+    """Compute and store the teacher's top-k next-token distribution on training blocks (and, for `hidden`, its
+    projected hidden states, in the same forward passes).
 
     A non-empty `out` is refused unless `resume` (continue the build it holds: refused unless it has the same teacher
-    fingerprint, data, seq_len, top_k and blocks) or `overwrite` (delete its cache files first: refused if it holds
-    any other file). Every refusal comes before the teacher's first forward pass.
+    fingerprint, data, seq_len, top_k, blocks and hidden states) or `overwrite` (delete its cache files first:
+    refused if it holds any other file). Every refusal comes before the teacher's first forward pass.
 
     Args:
         teacher: the teacher causal LM (eval mode).
@@ -105,17 +121,21 @@ def write_cache(
         progress: show a progress bar.
         resume: continue the build in a non-empty `out`, reusing its shards.
         overwrite: replace the cache in a non-empty `out`.
+        hidden: the student to store hidden-state targets for (`lmdistill.hidden`), or None.
 
     Returns:
         The manifest.
     """
     blocks = _blocks_to_cache(teacher, tokenizer, data, top_k, blocks)
+    targets = _hidden_targets(teacher, hidden)
     existing = check_out(out, resume=resume, overwrite=overwrite)
     planned = {
         f"shard-{first // shard_blocks:06d}.safetensors": blocks[first : first + shard_blocks]
         for first in range(0, len(blocks), shard_blocks)
     }
     manifest = _manifest(teacher, teacher_name, data, top_k, planned)
+    if targets is not None:
+        manifest["hidden"] = targets[0]
     if existing and resume:
         _check_resumable(out, manifest, planned)
     elif existing:  # overwrite: the manifest goes first, so that no half-deleted cache looks whole
@@ -129,7 +149,8 @@ def write_cache(
         if _shard_blocks(out / name) == indices.tolist():  # written by the build this one resumes
             bar.update(len(indices))
             continue
-        tensors = _shard(teacher, data, indices, top_k=top_k, batch_size=batch_size, precision=precision, bar=bar)
+        tensors = _shard(teacher, data, indices, top_k=top_k, batch_size=batch_size, precision=precision, bar=bar,
+                         hidden=targets)  # fmt: skip
         with staged(out / name, directory=False) as staging:
             save_file(tensors, staging)
     bar.close()
@@ -154,6 +175,23 @@ def _blocks_to_cache(
     if len(np.unique(blocks)) != len(blocks) or blocks.min(initial=0) < 0 or blocks.max(initial=0) >= n_data_blocks:
         raise LmdistillError(f"blocks to cache must be distinct training block indices below {n_data_blocks}")
     return blocks
+
+
+def _hidden_targets(teacher: torch.nn.Module, hidden: HiddenSpec | None) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """The manifest's `hidden` record of the targets of a student `hidden` and their projection M, or None."""
+    if hidden is None:
+        return None
+    m = projection(teacher, hidden.width)
+    pairs = layer_pairs(hidden.num_layers, len(decoder_layers(teacher)))
+    record = {
+        "width": hidden.width,
+        "student_num_layers": hidden.num_layers,
+        "layers": [{"student": student, "teacher": block} for student, block in pairs],
+        "projection": PROJECTION,
+        "projection_sha256": fingerprint(m),
+        "dtype": "float16",
+    }
+    return record, m
 
 
 def _manifest(
@@ -186,23 +224,35 @@ def _shard(
     batch_size: int,
     precision: str,
     bar: tqdm,
+    hidden: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the shard of training blocks `indices` (see the module docstring), `batch_size` blocks per
-    teacher forward pass; called under `torch.no_grad()`."""
+    teacher forward pass, with the `hidden` targets (`_hidden_targets`) when given; called under `torch.no_grad()`."""
     device = next(teacher.parameters()).device
     seq_len = data.train.shape[1]
     ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
     logprobs = torch.empty(len(indices), seq_len, top_k, dtype=torch.float32)
+    blocks = [] if hidden is None else [pair["teacher"] for pair in hidden[0]["layers"]]
+    states = torch.empty(len(indices), seq_len, len(blocks), 0 if hidden is None else hidden[1].shape[1])
     for start in range(0, len(indices), batch_size):
         rows = slice(start, min(start + batch_size, len(indices)))
         block = torch.as_tensor(data.train[indices[rows]].astype(np.int64), device=device)
         with autocast(device, precision):
-            logits = teacher(input_ids=block).logits  # [b, L, V]
+            if hidden is None:
+                logits = teacher(input_ids=block).logits  # [b, L, V]
+            else:
+                output, projected = teacher_states(teacher, block, blocks, hidden[1])  # projected: [b, L, H, d_S]
+                logits, states[rows] = output.logits, projected.cpu()
         top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, K]
         ids[rows], logprobs[rows] = top.indices.int().cpu(), top.values.cpu()
         bar.update(rows.stop - rows.start)
     tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)  # [n, L]
-    return {"blocks": torch.as_tensor(indices), "ids": ids, "logprobs": logprobs, "tail": tail}
+    tensors = {"blocks": torch.as_tensor(indices), "ids": ids, "logprobs": logprobs, "tail": tail}
+    if hidden is not None:
+        tensors["hidden"] = states.half()
+        if not torch.isfinite(tensors["hidden"]).all():
+            raise LmdistillError("the teacher's projected hidden states overflow float16: they cannot be cached")
+    return tensors
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> list[Path]:
@@ -249,9 +299,9 @@ def _check_resumable(out: Path, manifest: dict[str, Any], planned: dict[str, np.
         raise LmdistillError(f"--resume: {record} is unreadable ({exc}); pass --overwrite to start afresh") from exc
     for key in RESUME_KEYS:
         old = previous.get(key) if isinstance(previous, dict) else None
-        if old != manifest[key]:
+        if old != manifest.get(key):
             raise LmdistillError(
-                f"--resume: the build in {out} has another {key} ({_brief(old)} there, {_brief(manifest[key])} "
+                f"--resume: the build in {out} has another {key} ({_brief(old)} there, {_brief(manifest.get(key))} "
                 f"now){_RESUME_HINTS.get(key, '')}; pass --overwrite to start afresh, or another --out"
             )
     for path in out.iterdir():
@@ -268,6 +318,8 @@ def _brief(value: Any) -> str:
     """A manifest value short enough for a one-line message."""
     if isinstance(value, list):
         return f"{len(value)} shards"
+    if isinstance(value, dict):  # hidden
+        return f"width {value.get('width')}, {value.get('student_num_layers')} student blocks"
     return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else repr(value)
 
 
@@ -312,6 +364,7 @@ class TeacherCache:
     slots: torch.Tensor  # [data blocks] int64: row of each training block in ids/logprobs, -1 where not cached
     ids: torch.Tensor  # [N, L, K] int32
     logprobs: torch.Tensor  # [N, L, K] float32
+    hidden: torch.Tensor | None = None  # [N, L, H, d_S] float16, where the manifest has `hidden`
 
     @classmethod
     def open(cls, path: Path, data: PackedData, vocab_size: int) -> TeacherCache:
@@ -348,7 +401,7 @@ class TeacherCache:
                 f"teacher cache {path} holds distributions over {manifest['vocab_size']} token ids, but the student's "
                 f"output head has {vocab_size}: build it with the teacher the student was made from"
             )
-        blocks, ids, logprobs = [], [], []
+        blocks, ids, logprobs, hidden = [], [], [], []
         for shard in manifest["shards"]:
             file = path / shard["file"]
             try:
@@ -359,6 +412,7 @@ class TeacherCache:
             blocks.append(tensors["blocks"])
             ids.append(tensors["ids"])
             logprobs.append(tensors["logprobs"])
+            hidden.append(tensors.get("hidden"))
         cached = torch.cat(blocks)
         if len(cached) != manifest["num_blocks"] or len(cached.unique()) != len(cached):
             raise LmdistillError(
@@ -367,7 +421,8 @@ class TeacherCache:
             )
         slots = torch.full((data.train.shape[0],), -1, dtype=torch.long)
         slots[cached] = torch.arange(len(cached))
-        return cls(manifest, slots, torch.cat(ids), torch.cat(logprobs))
+        states = torch.cat(hidden) if "hidden" in manifest else None
+        return cls(manifest, slots, torch.cat(ids), torch.cat(logprobs), states)
 
     def missing(self, blocks: np.ndarray) -> np.ndarray:
         """The distinct training blocks among `blocks` that the cache does not hold."""
@@ -376,10 +431,18 @@ class TeacherCache:
 
     def lookup(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached top-k ids (int64) and log-probabilities of training blocks `blocks`, each [B, L, K]."""
+        rows = self._rows(blocks)
+        return self.ids[rows].long(), self.logprobs[rows]
+
+    def states(self, blocks: np.ndarray) -> torch.Tensor:
+        """The cached hidden-state targets of training blocks `blocks`, float16 [B, L, H, d_S]."""
+        return self.hidden[self._rows(blocks)]
+
+    def _rows(self, blocks: np.ndarray) -> torch.Tensor:
         rows = self.slots[torch.as_tensor(blocks, dtype=torch.long)]
         if (rows < 0).any():
             raise LmdistillError(f"the teacher cache does not hold training blocks {self.missing(blocks).tolist()}")
-        return self.ids[rows].long(), self.logprobs[rows]
+        return rows
 
 
 def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
@@ -392,6 +455,7 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
         raise LmdistillError(f"teacher cache manifest {file} is malformed: top_k exceeds vocab_size")
     if not isinstance(manifest.get("teacher_fingerprint"), str):
         raise LmdistillError(f"teacher cache manifest {file} is malformed: it has no teacher_fingerprint")
+    _check_hidden_record(file, manifest)
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(
         isinstance(shard, dict)
@@ -408,10 +472,39 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+def _check_hidden_record(file: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a `hidden` record (when there is one) that is not the format's (module docstring)."""
+    if "hidden" not in manifest:
+        return
+    record = manifest["hidden"]
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not (
+        isinstance(record, dict)
+        and count(record.get("width"))
+        and count(record.get("student_num_layers"))
+        and isinstance(record.get("layers"), list)
+        and record["layers"]
+        and all(
+            isinstance(pair, dict) and count(pair.get("student")) and count(pair.get("teacher"))
+            for pair in record["layers"]
+        )  # fmt: skip
+        and record.get("projection") == PROJECTION
+        and isinstance(record.get("projection_sha256"), str)
+        and record.get("dtype") == "float16"
+    ):
+        raise LmdistillError(
+            f"teacher cache manifest {file} is malformed: hidden must hold width, student_num_layers, layers "
+            f"[{{student, teacher}}], projection {PROJECTION!r}, projection_sha256 and dtype 'float16'"
+        )
+
+
 def _check_shard(file: Path, tensors: dict[str, torch.Tensor], n: int, manifest: dict[str, Any]) -> None:
     """Refuse a shard unless its tensors have the format's dtypes, the shapes of `n` blocks of the manifest's
     seq_len and top_k, block indices among the data's training blocks, ids in the vocabulary, finite log-probabilities
-    <= 0 and tails in [0, 1]."""
+    <= 0, tails in [0, 1] and, where the manifest has `hidden`, finite hidden states of its layers and width."""
     length, k, vocab = manifest["seq_len"], manifest["top_k"], manifest["vocab_size"]
     data_blocks = manifest["data_num_blocks"]
     layout = {
@@ -420,6 +513,10 @@ def _check_shard(file: Path, tensors: dict[str, torch.Tensor], n: int, manifest:
         "logprobs": (torch.float32, (n, length, k), lambda lo, hi: lo > -math.inf and hi <= 0, "finite and <= 0"),
         "tail": (torch.float32, (n, length), lambda lo, hi: lo >= 0 and hi <= 1, "in [0, 1]"),
     }
+    if "hidden" in manifest:
+        hidden = manifest["hidden"]
+        shape = (n, length, len(hidden["layers"]), hidden["width"])
+        layout["hidden"] = (torch.float16, shape, lambda lo, hi: math.isfinite(lo) and math.isfinite(hi), "finite")
     for name, (dtype, shape, valid, rule) in layout.items():
         tensor = tensors.get(name)
         if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:

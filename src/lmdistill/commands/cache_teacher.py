@@ -1,4 +1,5 @@
-"""`lmdistill cache-teacher`: run the teacher once over the training blocks and store its top-k distributions."""
+"""`lmdistill cache-teacher`: run the teacher once over the training blocks and store its top-k distributions (and,
+with --hidden-student, its hidden states through the GUIDE projection)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
-from lmdistill.models.load import load_teacher
+from lmdistill.hidden import HiddenSpec, check_student
+from lmdistill.models.load import load_teacher, read_config, teacher_source
 from lmdistill.teacher_cache import check_out, write_cache
 
 
@@ -23,6 +25,13 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         The manifest written to `OUT/manifest.json`.
     """
     check_out(Path(config.out), resume=config.resume, overwrite=config.overwrite)  # before loading anything
+    hidden = None
+    if config.hidden_student is not None:
+        student = Path(config.hidden_student)
+        student_config = read_config(student)
+        hidden = HiddenSpec.of(student_config)
+        shape = {"width": hidden.width, "student_num_layers": hidden.num_layers}
+        check_student(student_config, student, shape, teacher_source(config.teacher).name, "--hidden-student")
     teacher = load_teacher(config.teacher)
     data = prepare_data(
         config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
@@ -43,4 +52,5 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         progress=config.progress,
         resume=config.resume,
         overwrite=config.overwrite,
+        hidden=hidden,
     )

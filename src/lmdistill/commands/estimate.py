@@ -10,6 +10,7 @@ from pathlib import Path
 from lmdistill.config import STUDY_ARMS, StudyConfig, TrainConfig
 from lmdistill.config.study import STUDY_SHAPE
 from lmdistill.estimate import Estimate, cache_bytes, exceeds_available, training_estimate
+from lmdistill.hidden import layer_pairs
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import read_config, teacher_config
 from lmdistill.models.shape import derive_student_shape
@@ -21,8 +22,8 @@ log = logging.getLogger(__name__)
 def estimate_train(config: TrainConfig) -> Estimate:
     """The estimate of a `lmdistill train` process, from the student's and teacher's configs and the cache's
     manifest (processes: torchrun's WORLD_SIZE)."""
-    online = config.teacher is not None and config.kd_share > 0
-    cached = config.teacher_cache is not None and config.kd_share > 0
+    online = config.teacher is not None and config.needs_teacher
+    cached = config.teacher_cache is not None and config.needs_teacher
     top_k = None
     if cached:
         cache = Path(config.teacher_cache)
@@ -68,7 +69,11 @@ def estimate_study(config: StudyConfig) -> Estimate:
     how = (
         f"at most {samples:,} blocks (max-steps x batch-size, over the budgets) x {config.seq_len} x top-{config.top_k}"
     )
-    return Estimate(estimate.terms, cache_bytes(samples, config.seq_len, config.top_k), how)
+    hidden = 0
+    if config.hidden_arms:
+        hidden = len(layer_pairs(config.num_layers, adapter.shape(teacher).num_layers)) * config.hidden_size
+        how += f", with hidden states {hidden // config.hidden_size} x {config.hidden_size} float16"
+    return Estimate(estimate.terms, cache_bytes(samples, config.seq_len, config.top_k, hidden), how)
 
 
 def warn_if_too_big(estimate: Estimate) -> None:

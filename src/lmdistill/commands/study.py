@@ -24,6 +24,7 @@ Launch: `lmdistill study --config configs/study-budgets.yaml` or `lmdistill demo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -42,11 +43,12 @@ from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import PackedData, prepare_data
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluation import heldout_loss, heldout_sets, mixture_scores, mixture_weights, spread_blocks
+from lmdistill.hidden import HiddenSpec
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.precision import resolve_precision
 from lmdistill.provenance import environment
 from lmdistill.storage import sha256_file
-from lmdistill.teacher_cache import write_cache
+from lmdistill.teacher_cache import INCOMPLETE, write_cache
 from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
 
@@ -93,7 +95,11 @@ def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignore
         raise LmdistillError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
     previous = load_yaml(saved, type(config))
     skip = set(LAUNCH_SETTINGS) | set(growable) | set(ignored)
-    changed = sorted(k for k, v in vars(config).items() if k not in skip and previous.get(k) != v)
+    defaults = {  # a setting the file lacks (one added since) had its default
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(config)
+    }
+    changed = sorted(k for k, v in vars(config).items() if k not in skip and previous.get(k, defaults[k]) != v)
     if changed:
         raise LmdistillError(
             f"--resume: the study in {out} was run with different {', '.join(changed)}; its runs would not be "
@@ -176,9 +182,15 @@ class _Teacher:
 
 
 def _build_teacher_cache(config: StudyConfig, out: Path, loader: _Teacher, data: PackedData, budget: int) -> Path:
-    """The teacher cache of a budget's runs: exactly the blocks they read, the same on every machine."""
+    """The teacher cache of a budget's runs: exactly the blocks they read, the same on every machine; with hkd arms
+    also the hidden states of the study's student shape (a cache built without them is built again, with the same
+    top-k)."""
     path = out / "teacher-cache" / str(budget)
-    if not (path / "manifest.json").is_file():
+    hidden = HiddenSpec(config.hidden_size, config.num_layers) if config.hidden_arms else None
+    rebuild = hidden is not None and _built_without_hidden(path)
+    if rebuild:
+        (path / "build.json").unlink(missing_ok=True)  # --overwrite deletes only cache files
+    if rebuild or not (path / "manifest.json").is_file():
         teacher = loader.get()
         samples = config.steps(budget) * config.batch_size
         blocks = np.unique(DataOrder(len(data.train), config.data_seed).blocks(0, samples))
@@ -195,10 +207,20 @@ def _build_teacher_cache(config: StudyConfig, out: Path, loader: _Teacher, data:
             batch_size=config.batch_size,
             precision=config.precision,
             progress=config.progress,
-            resume=True,  # an interrupted build continues
+            resume=not rebuild,  # an interrupted build continues
+            overwrite=rebuild,
+            hidden=hidden,
         )
         (path / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
     return path
+
+
+def _built_without_hidden(path: Path) -> bool:
+    """Whether `path` holds a teacher cache (finished or interrupted) without hidden states."""
+    for name in ("manifest.json", INCOMPLETE):
+        if (path / name).is_file():
+            return "hidden" not in json.loads((path / name).read_text())
+    return False
 
 
 def _curve(run: Path) -> list[dict[str, float]]:

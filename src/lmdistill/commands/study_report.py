@@ -172,6 +172,13 @@ def _setup_text(results: dict[str, Any]) -> str:
             f"temperature {config['temperature']}, read from a cache of the teacher's top-{config['top_k']} "
             "next-token distributions (plus the remaining mass) over exactly the blocks a budget's runs read."
         )
+    hkd_arms = [name for name in kd_arms if STUDY_ARMS[name].loss.endswith("+hkd")]
+    if hkd_arms:
+        kd_text += (
+            f" Hidden-state arms ({', '.join(f'`{a}`' for a in hkd_arms)}) add {config['hidden_weight']} × (1 − "
+            "cosine) between the student's residual stream after its middle and last blocks and the teacher's after "
+            "the matching blocks times the GUIDE projection, cached in the same pass."
+        )
     corpus = ", ".join(config["data"]) if config["data"] else DEFAULT_CORPUS
     budgets = ", ".join(f"{b['train_tokens_per_run']:,} ({b['max_steps']} steps)" for b in setup["budgets"].values())
     weights = ", ".join(f"{source} {100 * w:.1f} %" for source, w in results["scoring"]["mixture_weights"].items())

@@ -92,6 +92,13 @@ class Distillation:
     kd_loss: DivergenceKind = field(default="forward-kl", metadata={"help": "divergence between teacher and student"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kd loss (scaled by T^2)"})
     kd_weight: float = field(default=0.5, metadata={"help": "ce+kd: loss = (1 - w) * ce + w * kd"})
+    hidden_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "kd+hkd, ce+kd+hkd: weight h of the hidden-state loss (1 - cosine to the teacher's states through "
+            "the GUIDE projection), added to the kd mix: loss + h * hkd"
+        },
+    )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.init.build import InitMethod
 from lmdistill.init.guide import PCAMode
 
-LossMix = Literal["ce", "kd", "ce+kd"]
+LossMix = Literal["ce", "kd", "ce+kd", "kd+hkd", "ce+kd+hkd"]
 # the student shape flags of `init`, in the order of `derive_student_shape`'s keyword arguments
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim")
 
@@ -81,7 +81,13 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
     teacher_cache: str | None = field(
         default=None, metadata={"help": "directory written by `lmdistill cache-teacher` (instead of --teacher)"}
     )
-    loss: LossMix = field(default="ce", metadata={"help": "ce, kd, or ce+kd mixed by --kd-weight"})
+    loss: LossMix = field(
+        default="ce",
+        metadata={
+            "help": "ce, kd, or ce+kd mixed by --kd-weight; +hkd adds the hidden-state loss with --hidden-weight "
+            "(a GUIDE student; a cache from cache-teacher --hidden-student)"
+        },
+    )
     beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight in [0, 1]"})
     alpha: float = field(default=0.1, metadata={"help": "skew kl: skew in [0, 1]"})
     eval_tokens: int = field(
@@ -101,6 +107,8 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
         check_ranges(self, ["save_every", "eval_every", "warmup_steps", "seed"], 0)
         check_ranges(self, ["kd_weight", "beta", "alpha", "min_lr_ratio"], 0, 1)
         check_ranges(self, ["val_fraction"], 0, 1, exclusive=True)
+        if not 0 <= self.hidden_weight < float("inf"):
+            raise LmdistillError(f"--hidden-weight must be a finite number >= 0, got {self.hidden_weight}")
         if self.temperature <= 0 or self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise LmdistillError("--temperature and --lr must be positive, --weight-decay and --grad-clip >= 0")
         if self.warmup_steps > self.max_steps:
@@ -114,8 +122,18 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
 
     @property
     def kd_share(self) -> float:
-        """Weight of the kd term in the loss: 0 for ce, 1 for kd, --kd-weight for ce+kd."""
-        return {"ce": 0.0, "kd": 1.0, "ce+kd": self.kd_weight}[self.loss]
+        """Weight of the kd term in the loss: 0 for ce, 1 for kd (and kd+hkd), --kd-weight for ce+kd (ce+kd+hkd)."""
+        return {"ce": 0.0, "kd": 1.0, "ce+kd": self.kd_weight}[self.loss.removesuffix("+hkd")]
+
+    @property
+    def hidden_share(self) -> float:
+        """Weight of the hkd term, added to the kd mix: --hidden-weight for the +hkd losses, else 0."""
+        return self.hidden_weight if self.loss.endswith("+hkd") else 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the loss reads the teacher (a kd or hkd term of non-zero weight)."""
+        return self.kd_share > 0 or self.hidden_share > 0
 
 
 @dataclass
@@ -134,12 +152,20 @@ class CacheTeacherConfig(Autocast, Corpus):
         },
     )
     seed: int = field(default=0, metadata={"help": "with --samples: the --seed of the training run"})
+    hidden_student: str | None = field(
+        default=None,
+        metadata={
+            "help": "also store, for --loss kd+hkd, the teacher's hidden states times the GUIDE projection for this "
+            "student (a directory of lmdistill init --method guide or guide-all --pca uncentered): its width and depth"
+            " choose the projection and the layers"
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "blocks per teacher forward pass"})
     resume: bool = field(
         default=False,
         metadata={
-            "help": "continue the build in a non-empty --out: same teacher weights, data, --seq-len, --top-k and "
-            "blocks, else refused"
+            "help": "continue the build in a non-empty --out: same teacher weights, data, --seq-len, --top-k, "
+            "blocks and hidden states, else refused"
         },
     )
     overwrite: bool = field(

@@ -46,6 +46,9 @@ STUDY_ARMS: dict[str, StudyArm] = {
         "guide", "ce", "GUIDE with PCA of the frequency-weighted embeddings, cross-entropy", "frequency", "guide"
     ),
     "weight-selection+kd": StudyArm("weight-selection", "kd", "weight selection, distillation"),
+    "guide+hkd": StudyArm(
+        "guide", "kd+hkd", "GUIDE init, distillation + hidden states through the projection", extends="guide+kd"
+    ),
 }
 
 
@@ -58,6 +61,7 @@ STUDY_ARMS: dict[str, StudyArm] = {
         "kd_loss": "divergence of the kd arms",
         "kd_weight": "kd arms: loss = (1 - w) * ce + w * kd",
         "temperature": "softmax temperature of the kd loss",
+        "hidden_weight": "hkd arms: weight h of the hidden-state loss, added to the kd mix: loss + h * hkd",
     },
 )
 class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
@@ -141,6 +145,11 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         # the remaining training options are checked by TrainConfig, built here once so errors come before any work
         self.train_config(STUDY_ARMS["kd"], max(self.train_tokens), student="student", out="out", teacher_cache="cache")
 
+    @property
+    def hidden_arms(self) -> bool:
+        """Whether an arm of the study trains with the hidden-state loss (its teacher caches then hold the states)."""
+        return any(STUDY_ARMS[arm].loss.endswith("+hkd") for arm in self.arms + self.ablations)
+
     def steps(self, budget: int) -> int:
         """Optimizer steps of a run of ``budget`` tokens: the budget in whole steps."""
         return -(-budget // (self.batch_size * max(self.seq_len, 1)))
@@ -169,12 +178,13 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         max_steps = self.steps(budget)
         eval_every = max(1, max_steps // self.eval_points)
         kd = arm.loss != "ce"
+        mix = ("kd" if self.kd_weight == 1 else "ce+kd") + ("+hkd" if arm.loss.endswith("+hkd") else "")
         return TrainConfig(
             **fields_of(self, Corpus, Distillation, Optimizer, Autocast),
             student=student,
             out=out,
             teacher_cache=teacher_cache if kd else None,
-            loss=("kd" if self.kd_weight == 1 else "ce+kd") if kd else "ce",
+            loss=mix if kd else "ce",
             max_steps=max_steps,
             batch_size=self.batch_size,
             eval_every=eval_every,

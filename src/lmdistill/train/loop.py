@@ -5,8 +5,9 @@ One optimizer step is `train_step`. For each micro-batch, inside autocast: the d
 teacher's forward pass happens there, `PackedTrainData.teacher_targets` running it on the micro-batch to its final
 hidden states, with `--teacher-cache` the cached top-k distribution of the blocks is looked up, and for CE only
 there is nothing; then the student's forward pass and the loss, one call of the loss module (`LMLoss`: the
-student's final hidden states and output head go through `chunked_distill_loss` together with the teacher's), and
-the backward pass. Then the sums are reduced over processes, checked, and the gradients clipped and applied. Every
+student's final hidden states and output head go through `chunked_distill_loss` together with the teacher's; with
+the `+hkd` losses also the residual stream of its blocks through `hidden_loss`, `lmdistill.hidden`), and the backward
+pass. Then the sums are reduced over processes, checked, and the gradients clipped and applied. Every
 loss is normalized by the global count of predicted tokens of the optimizer step (`TrainData.step_options`), so
 gradient accumulation and the number of processes do not change the update. The loss is part of the forward of the
 module that DDP wraps or FSDP shards, so one code path serves one process, DDP and FSDP.
@@ -48,6 +49,7 @@ from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import check_same_vocabulary, prepare_data
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluation import heldout_loss, perplexity, spread_blocks
+from lmdistill.hidden import check_student, decoder_layers, layer_pairs, projection, teacher_states
 from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.objective import LMLoss, shifted_labels
@@ -64,15 +66,6 @@ log = logging.getLogger(__name__)
 # each step's examples are split into micro-batches and processes (`check_resume` keeps their number).
 MAY_CHANGE_ON_RESUME = ("resume", "progress", "out", "save_every", "eval_every", "log_every", "max_steps",
                         "batch_size", "grad_accum", "fsdp")  # fmt: skip
-
-
-def decoder_layers(lm: PreTrainedModel) -> list[nn.Module]:
-    """The blocks FSDP shards one by one: the modules of the classes named in the model's `_no_split_modules`."""
-    names = set(lm._no_split_modules or ())
-    layers = [module for module in lm.modules() if type(module).__name__ in names]
-    if not layers:
-        raise LmdistillError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules)")
-    return layers
 
 
 def check_positions(model: PreTrainedModel, length: int, flag: str, role: str = "student") -> None:
@@ -223,9 +216,10 @@ class TrainData(Protocol):
 
 
 class PackedTrainData:
-    """Packed text blocks of ``--data`` for language modelling and KD from an online or cached teacher."""
+    """Packed text blocks of ``--data`` for language modelling and KD from an online or cached teacher, with the
+    hidden-state loss of `lmdistill.hidden` (term ``hkd``) for the ``+hkd`` losses."""
 
-    terms = ("ce", "kd")
+    terms: tuple[str, ...] = ("ce", "kd")
 
     def __init__(
         self,
@@ -235,12 +229,15 @@ class PackedTrainData:
         processes: distributed.Processes,
     ) -> None:
         self.config, self.teacher, self.cache = config, None, None
+        self.hidden: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor | None] | None = None  # blocks, teacher's, M
         check_positions(student, config.seq_len, "--seq-len")
-        if config.teacher is not None and config.kd_share > 0:
+        if config.teacher is not None and config.needs_teacher:
             loaded = load_teacher(config.teacher)
             check_positions(loaded.model, config.seq_len, "--seq-len", "teacher")
             self.teacher = loaded.model.to(processes.device)
             check_same_vocabulary(student, tokenizer, self.teacher, loaded.tokenizer)
+            if config.hidden_share > 0:
+                self._online_hidden(student, loaded.name)
         # The main process prepares (or finds) the packed data first; the others then read its cache.
         if processes.world > 1 and not processes.main:
             torch.distributed.barrier()
@@ -254,18 +251,45 @@ class PackedTrainData:
         if processes.world > 1 and processes.main:
             torch.distributed.barrier()
         self.manifest = self.data.manifest
-        if config.teacher_cache is not None and config.kd_share > 0:
-            vocab = student.get_output_embeddings().weight.shape[0]
-            self.cache = TeacherCache.open(Path(config.teacher_cache), self.data, vocab)
-            total_samples = config.max_steps * config.batch_size * config.grad_accum * processes.world
-            missing = self.cache.missing(DataOrder(len(self), config.seed).blocks(0, total_samples))
-            if len(missing):
-                raise LmdistillError(
-                    f"teacher cache {config.teacher_cache} lacks {len(missing)} of the training blocks this run reads; "
-                    f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without "
-                    "--samples)"
-                )
+        if config.teacher_cache is not None and config.needs_teacher:
+            self._open_cache(student, processes)
+        if self.hidden is not None:
+            self.terms = ("ce", "kd", "hkd")
         self.val_blocks = spread_blocks(self.data.val, config.eval_tokens)
+
+    def _online_hidden(self, student: PreTrainedModel, teacher_name: str) -> None:
+        """The hidden-state targets from the online teacher: its projection M and the layers of `layer_pairs`."""
+        pairs = layer_pairs(student.config.num_hidden_layers, len(decoder_layers(self.teacher)))
+        shape = {"width": student.config.hidden_size, "student_num_layers": student.config.num_hidden_layers}
+        check_student(student.config, Path(self.config.student), shape, teacher_name, f"--teacher {teacher_name}")
+        m = projection(self.teacher, student.config.hidden_size).to(next(self.teacher.parameters()).device)
+        self.hidden = (tuple(b for b, _ in pairs), tuple(t for _, t in pairs), m)
+
+    def _open_cache(self, student: PreTrainedModel, processes: distributed.Processes) -> None:
+        """Open --teacher-cache; refuse it when it lacks a block the run reads, or the hidden states it needs."""
+        config = self.config
+        vocab = student.get_output_embeddings().weight.shape[0]
+        self.cache = TeacherCache.open(Path(config.teacher_cache), self.data, vocab)
+        total_samples = config.max_steps * config.batch_size * config.grad_accum * processes.world
+        missing = self.cache.missing(DataOrder(len(self), config.seed).blocks(0, total_samples))
+        if len(missing):
+            raise LmdistillError(
+                f"teacher cache {config.teacher_cache} lacks {len(missing)} of the training blocks this run reads; "
+                f"rebuild it with cache-teacher --samples {total_samples} --seed {config.seed} (or without "
+                "--samples)"
+            )
+        if config.hidden_share == 0:
+            return
+        record = self.cache.manifest.get("hidden")
+        if record is None:
+            raise LmdistillError(
+                f"--loss {config.loss}: teacher cache {config.teacher_cache} holds no hidden states; build one with "
+                "cache-teacher --hidden-student STUDENT"
+            )
+        source = f"teacher cache {config.teacher_cache}"
+        check_student(student.config, Path(config.student), record, self.cache.manifest["teacher"], source)
+        pairs = record["layers"]
+        self.hidden = (tuple(p["student"] for p in pairs), tuple(p["teacher"] for p in pairs), None)
 
     def __len__(self) -> int:
         return len(self.data.train)
@@ -275,7 +299,7 @@ class PackedTrainData:
 
     def step_options(self, indices: np.ndarray) -> dict[str, Any]:
         config = self.config
-        return {
+        options = {
             "kd_weight": config.kd_share,
             "kind": config.kd_loss,
             "temperature": config.temperature,
@@ -284,6 +308,9 @@ class PackedTrainData:
             "num_items": len(indices) * (config.seq_len - 1),  # every position but the last of a block predicts
             "chunk_size": config.chunk_size,
         }
+        if self.hidden is not None:
+            options.update(hidden_weight=config.hidden_share, hidden_blocks=self.hidden[0])
+        return options
 
     def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         ids = torch.as_tensor(self.data.train[indices].astype(np.int64), device=device)  # [B, L]
@@ -292,7 +319,12 @@ class PackedTrainData:
     def teacher_targets(self, ids: torch.Tensor, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """The online teacher's forward pass on `ids`: its final hidden states ``[B, L, d_T]`` and output head
         ``[V, d_T]``; or the cached top-k ids and log-probabilities ``[B, L, K]`` of the blocks `indices`; ``{}``
-        for CE only."""
+        for CE only. With the hidden-state loss also ``teacher_states`` ``[B, L, H, d_S]``, computed (online) or
+        cached (float16)."""
+        if self.teacher is not None and self.hidden is not None:
+            output, states = teacher_states(self.teacher.base_model, ids, self.hidden[1], self.hidden[2])
+            head = self.teacher.get_output_embeddings().weight
+            return {"teacher_hidden": output.last_hidden_state, "teacher_head": head, "teacher_states": states}
         if self.teacher is not None:
             return {
                 "teacher_hidden": self.teacher.base_model(input_ids=ids).last_hidden_state,
@@ -300,7 +332,10 @@ class PackedTrainData:
             }
         if self.cache is not None:
             top_ids, top_logprobs = self.cache.lookup(indices)  # [B, L, K] each
-            return {"teacher_ids": top_ids.to(ids.device), "teacher_logprobs": top_logprobs.to(ids.device)}
+            targets = {"teacher_ids": top_ids.to(ids.device), "teacher_logprobs": top_logprobs.to(ids.device)}
+            if self.hidden is not None:
+                targets["teacher_states"] = self.cache.states(indices).to(ids.device)
+            return targets
         return {}
 
     def tokens(self, indices: np.ndarray) -> int:
