@@ -14,6 +14,15 @@ the student's residual stream has zero mean, which makes the same fold exact (se
 folded exactly into the weight's bias (b W). The untied output head
 reads the residual through the final norm and gets the same rule; a tied head follows the embeddings.
 
+Gemma 3 (`lmdistill.models.adapters.Gemma3Adapter`): the gain of its RMSNorms is 1 + w (`Norm.gain`), which the
+folds use. Block 1 reads sqrt(d) E[t], so E_S = sqrt(d_T / d_S) E_T M makes the student's scaled embeddings the
+teacher's times M exactly; the tied head then gives logits rms_norm(x M) E_S^T = rms_norm(x) E_T^T for x in span(M)
+(gain 1, the final gain cannot be folded into a tied head). Its post-norms normalize a block output a at the width
+of the residual stream and are not followed by any weight, so their gain cannot be folded; the student's gain is
+the diagonal of c M^T diag(g) M, c = sqrt(d_T / d_S) (`fold_block`). This is exact when g is constant and a lies
+in span(M) (always with nothing cut, where M is a rotation), and approximate otherwise: a per-coordinate g does not
+commute with M, and over a cut width ||a M|| < ||a|| for a outside span(M).
+
 Launch: `lmdistill init --teacher default --method guide --hidden-size 288 --num-layers 6 --num-heads 3
 --num-kv-heads 1 --intermediate-size 768 --out runs/student-guide`
 """
@@ -190,7 +199,8 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
 
     Read side (q, k, v, up, gate): W_S = c M^T diag(g) W with c = sqrt(d_T / d_S), bias b_S = b + beta W for a
     LayerNorm bias beta. Write side (o, down and their biases): W_S = W M. The student's pre-norms become gain 1,
-    bias 0.
+    bias 0. A post-norm of gain g on a write-side output (Gemma 3) gets gain c (M ∘ M)^T g, the diagonal of
+    c M^T diag(g) M: exact for a constant g on outputs in span(M), approximate otherwise (see the module docstring).
 
     Args:
         block: canonical block at teacher width d_T.
@@ -203,7 +213,7 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
     c = math.sqrt(d_teacher / d_student)
 
     def read(w: Tensor, norm: Norm) -> Tensor:
-        scaled = w * norm.weight.reshape(-1, *([1] * (w.dim() - 1)))  # diag(g) W
+        scaled = w * norm.gain.reshape(-1, *([1] * (w.dim() - 1)))  # diag(g) W
         return c * torch.tensordot(m.T, scaled, dims=1)  # [d_S, ...]
 
     def read_bias(bias: Tensor | None, w: Tensor, norm: Norm) -> Tensor | None:
@@ -217,13 +227,19 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
         return w @ m
 
     def unit_norm(norm: Norm) -> Norm:
-        return Norm(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
+        return norm.with_gain(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
 
-    return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm)
+    def post_norm(norm: Norm) -> Norm:
+        return norm.with_gain(c * (m * m).T @ norm.gain)  # [d_S]
+
+    return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm, post_norm=post_norm)
 
 
 def fold_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, m: Tensor) -> None:
     """Set the student's embeddings, positions, final norm and untied head from the teacher's through M, in place.
+
+    A model that scales its embeddings (Gemma 3: by sqrt(d)) gets E_T M times `teacher.embed_scale /
+    student.embed_scale`, so that block 1 reads the teacher's input times M.
 
     Args:
         teacher: canonical teacher weights at width d_T.
@@ -231,12 +247,12 @@ def fold_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, m: Te
         m: projection [d_T, d_S].
     """
     d_teacher, d_student = m.shape
-    student.embed = teacher.embed @ m  # [V, d_S]
+    student.embed = (teacher.embed @ m) * (teacher.embed_scale / student.embed_scale)  # [V, d_S]
     if student.positions is not None:
         student.positions = teacher.positions[: student.positions.shape[0]] @ m  # [L_S, d_S]
     final = teacher.final_norm
-    student.final_norm = Norm(torch.ones(d_student), None if final.bias is None else torch.zeros(d_student))
+    student.final_norm = final.with_gain(torch.ones(d_student), None if final.bias is None else torch.zeros(d_student))
     # An untied head reads the residual through the final norm, so it takes the read-side rule. A final LayerNorm
     # bias would become a logit bias, which the head does not have: it is dropped.
     if student.head is not None:
-        student.head = math.sqrt(d_teacher / d_student) * (m.T @ (final.weight[:, None] * teacher.head))  # [d_S, V]
+        student.head = math.sqrt(d_teacher / d_student) * (m.T @ (final.gain[:, None] * teacher.head))  # [d_S, V]

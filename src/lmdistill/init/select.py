@@ -110,6 +110,7 @@ def map_width(
     read_bias: Callable[[Tensor | None, Tensor, Norm], Tensor | None],
     write: Callable[[Tensor], Tensor],
     norm: Callable[[Norm], Norm],
+    post_norm: Callable[[Norm], Norm],
 ) -> BlockWeights:
     """Change a block's residual width d_T -> d_S, role by role.
 
@@ -119,6 +120,7 @@ def map_width(
         read_bias: maps (bias or None, the original read-side weight, its norm) to the new bias.
         write: maps a write-side weight or bias [..., d_T] to [..., d_S].
         norm: maps a pre-norm's parameters.
+        post_norm: maps the parameters of a norm on a write-side output (Gemma 3's post-norms).
 
     Returns:
         The block at the student's width.
@@ -135,6 +137,9 @@ def map_width(
             changes[bias] = write(getattr(block, bias))
     changes["attn_norm"] = norm(block.attn_norm)
     changes["mlp_norm"] = norm(block.mlp_norm)
+    for name in ("attn_post_norm", "mlp_post_norm"):
+        if getattr(block, name) is not None:
+            changes[name] = post_norm(getattr(block, name))
     unmapped = {f.name for f in fields(block)} - changes.keys() - {"q_norm", "k_norm"}
     assert all(getattr(block, name) is None for name in unmapped), f"roles without a width rule: {unmapped}"
     return replace(block, **changes)
