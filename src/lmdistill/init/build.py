@@ -48,6 +48,8 @@ def build_student(
             random.
         guide-all: every block folded through M from teacher blocks chosen by uniform layer selection.
 
+    Each student block keeps the attention kind (sliding window or full) of the teacher block it comes from.
+
     Args:
         teacher: a supported Hugging Face causal LM in float32.
         shape: the student's shape (from `derive_student_shape`).

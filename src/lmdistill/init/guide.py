@@ -17,11 +17,16 @@ reads the residual through the final norm and gets the same rule; a tied head fo
 Gemma 3 (`lmdistill.models.adapters.Gemma3Adapter`): the gain of its RMSNorms is 1 + w (`Norm.gain`), which the
 folds use. Block 1 reads sqrt(d) E[t], so E_S = sqrt(d_T / d_S) E_T M makes the student's scaled embeddings the
 teacher's times M exactly; the tied head then gives logits rms_norm(x M) E_S^T = rms_norm(x) E_T^T for x in span(M)
-(gain 1, the final gain cannot be folded into a tied head). Its post-norms normalize a block output a at the width
-of the residual stream and are not followed by any weight, so their gain cannot be folded; the student's gain is
-the diagonal of c M^T diag(g) M, c = sqrt(d_T / d_S) (`fold_block`). This is exact when g is constant and a lies
-in span(M) (always with nothing cut, where M is a rotation), and approximate otherwise: a per-coordinate g does not
-commute with M, and over a cut width ||a M|| < ||a|| for a outside span(M).
+(gain 1, the final gain cannot be folded into a tied head). Its post-norms normalize a block output a = z W at the
+width of the residual stream, with no weight after them to take their gain g:
+
+    teacher:  rms_norm(a) diag(g) M                    = sqrt(d_T) (a ⊙ g) M / ||a||
+    student:  rms_norm(z W diag(g) M) (c rms(g))       = sqrt(d_T) rms(g) (a ⊙ g) M / ||(a ⊙ g) M||
+
+with the gain moved in front of M into the write weight and the student's gain the constant c rms(g),
+c = sqrt(d_T / d_S) (`fold_block`). These agree up to one factor per token, rms(g) ||a|| / ||(a ⊙ g) M||, which
+is 1 for a constant g on outputs a in span(M) (with nothing cut M is a rotation and every a is in its span). No
+diagonal student gain is exact for a per-coordinate g: diag(g) does not commute with M.
 
 Launch: `lmdistill init --teacher default --method guide --hidden-size 288 --num-layers 6 --num-heads 3
 --num-kv-heads 1 --intermediate-size 768 --out runs/student-guide`
@@ -199,8 +204,8 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
 
     Read side (q, k, v, up, gate): W_S = c M^T diag(g) W with c = sqrt(d_T / d_S), bias b_S = b + beta W for a
     LayerNorm bias beta. Write side (o, down and their biases): W_S = W M. The student's pre-norms become gain 1,
-    bias 0. A post-norm of gain g on a write-side output (Gemma 3) gets gain c (M ∘ M)^T g, the diagonal of
-    c M^T diag(g) M: exact for a constant g on outputs in span(M), approximate otherwise (see the module docstring).
+    bias 0. A post-norm of gain g on a write-side output (Gemma 3): W_S = W diag(g) M (bias likewise) and the
+    student's gain is the constant c rms(g): exact up to one factor per token (see the module docstring).
 
     Args:
         block: canonical block at teacher width d_T.
@@ -223,14 +228,14 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
             raise NotImplementedError("a LayerNorm bias in front of a projection without bias cannot be folded")
         return bias + torch.tensordot(norm.bias, w, dims=1)
 
-    def write(w: Tensor) -> Tensor:
-        return w @ m
+    def write(w: Tensor, post: Norm | None) -> Tensor:
+        return w @ m if post is None else (w * post.gain) @ m  # a post-norm's gain moves in front of M
 
     def unit_norm(norm: Norm) -> Norm:
         return norm.with_gain(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
 
     def post_norm(norm: Norm) -> Norm:
-        return norm.with_gain(c * (m * m).T @ norm.gain)  # [d_S]
+        return norm.with_gain(torch.full((d_student,), c * norm.gain.square().mean().sqrt().item()))
 
     return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm, post_norm=post_norm)
 

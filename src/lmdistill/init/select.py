@@ -108,7 +108,7 @@ def map_width(
     block: BlockWeights,
     read: Callable[[Tensor, Norm], Tensor],
     read_bias: Callable[[Tensor | None, Tensor, Norm], Tensor | None],
-    write: Callable[[Tensor], Tensor],
+    write: Callable[[Tensor, Norm | None], Tensor],
     norm: Callable[[Norm], Norm],
     post_norm: Callable[[Norm], Norm],
 ) -> BlockWeights:
@@ -118,7 +118,7 @@ def map_width(
         block: canonical block (heads and units already selected).
         read: maps a read-side weight [d_T, ...] and the norm in front of it to [d_S, ...].
         read_bias: maps (bias or None, the original read-side weight, its norm) to the new bias.
-        write: maps a write-side weight or bias [..., d_T] to [..., d_S].
+        write: maps a write-side weight or bias [..., d_T] and the post-norm on its output (or None) to [..., d_S].
         norm: maps a pre-norm's parameters.
         post_norm: maps the parameters of a norm on a write-side output (Gemma 3's post-norms).
 
@@ -131,10 +131,10 @@ def map_width(
         if w is not None:
             changes[weight] = read(w, n)
             changes[bias] = read_bias(getattr(block, bias), w, n)
-    for weight, bias in WRITE_ROLES.items():
-        changes[weight] = write(getattr(block, weight))
+    for weight, (bias, post) in WRITE_ROLES.items():
+        changes[weight] = write(getattr(block, weight), getattr(block, post))
         if getattr(block, bias) is not None:
-            changes[bias] = write(getattr(block, bias))
+            changes[bias] = write(getattr(block, bias), getattr(block, post))
     changes["attn_norm"] = norm(block.attn_norm)
     changes["mlp_norm"] = norm(block.mlp_norm)
     for name in ("attn_post_norm", "mlp_post_norm"):

@@ -34,7 +34,7 @@ def select_width(block: BlockWeights, width: Tensor) -> BlockWeights:
         block,
         read=lambda w, _norm: w[width],
         read_bias=lambda bias, _w, _norm: bias,
-        write=lambda w: w[..., width],
+        write=lambda w, _post: w[..., width],
         norm=norm,
         post_norm=norm,
     )

@@ -77,7 +77,10 @@ READ_ROLES: dict[str, tuple[str, str]] = {  # weight -> (its bias, the norm in f
     "up": ("up_bias", "mlp_norm"),
     "gate": ("gate_bias", "mlp_norm"),
 }
-WRITE_ROLES: dict[str, str] = {"o": "o_bias", "down": "down_bias"}  # weight -> its bias
+WRITE_ROLES: dict[str, tuple[str, str]] = {  # weight -> (its bias, the post-norm on its output, where present)
+    "o": ("o_bias", "attn_post_norm"),
+    "down": ("down_bias", "mlp_post_norm"),
+}
 
 
 @dataclass
