@@ -16,14 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 96
 WORDS = "the a of and to in is was it that for on with as by at from this be are".split()
 
 
 def tiny_config(kind: str, **overrides) -> PretrainedConfig:
-    """A 3-block teacher config of width 32: llama (GQA 4/2), qwen2 (q/k/v biases), qwen3 (q/k norms) or gpt2."""
+    """A 3-block teacher config of width 32: llama (GQA 4/2), qwen2 (q/k/v biases), qwen3 (q/k norms), gpt2 or
+    gemma3 (gemma3_text: sliding-window blocks of 4 positions, every second block full attention)."""
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     if kind == "gpt2":
         return GPT2Config(
@@ -40,7 +49,11 @@ def tiny_config(kind: str, **overrides) -> PretrainedConfig:
         rms_norm_eps=1e-12,  # the GUIDE identities are exact up to the eps term of the norms
     )
     llama_like.update(overrides)
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
+    if kind == "gemma3":
+        layers = llama_like["num_hidden_layers"]
+        kinds = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+        llama_like = dict(sliding_window=4, query_pre_attn_scalar=8, layer_types=kinds) | llama_like
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[kind]
     return config_class(**common, **llama_like)
 
 

@@ -82,7 +82,16 @@ def test_gqa_selection_maps_every_query_head_onto_a_kept_kv_head(teacher_heads, 
 
 
 @pytest.mark.parametrize(
-    "kind, tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True), ("gpt2", True)]
+    "kind, tied",
+    [
+        ("llama", False),
+        ("llama", True),
+        ("qwen2", False),
+        ("qwen3", True),
+        ("gpt2", True),
+        ("gemma3", True),
+        ("gemma3", False),
+    ],
 )
 def test_weight_selection_with_nothing_cut_reproduces_the_teacher(kind, tied, tokens):
     teacher = tiny_teacher(kind, tie_word_embeddings=tied)
@@ -302,7 +311,7 @@ def test_same_seed_same_student_and_different_seed_different_random_blocks():
     assert not torch.equal(a.model.layers[1].mlp.up_proj.weight, c.model.layers[1].mlp.up_proj.weight)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", ["guide", "guide-all", "weight-selection", "random"])
 def test_saved_student_reloads_with_identical_logits(kind, method, tmp_path, tokens):
     teacher = tiny_teacher(kind)

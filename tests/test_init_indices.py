@@ -28,6 +28,8 @@ BLOCK_AXES: dict[str, dict[str, int]] = {
         "down_bias": 0,
         "attn_norm": 0,
         "mlp_norm": 0,
+        "attn_post_norm": 0,
+        "mlp_post_norm": 0,
     },
     "q_heads": {"q": 1, "o": 0, "q_bias": 0},
     "kv_heads": {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0},
@@ -79,7 +81,7 @@ def tag_teacher(teacher, family: str) -> None:
     adapter.write(teacher, weights)
 
 
-@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
+@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True), ("qwen3", False), ("gemma3", False)])
 @pytest.mark.parametrize("family", list(BLOCK_AXES))
 def test_weight_selection_keeps_one_set_of_indices_per_axis_in_every_tensor(kind, tied, family):
     # Sizes chosen so that no two axes of the teacher or the student have the same length.
@@ -97,6 +99,8 @@ def test_weight_selection_keeps_one_set_of_indices_per_axis_in_every_tensor(kind
     t_shape = adapter.shape(teacher.config)
     shape = ModelShape(20, 2, 4, 2, head_dim=6, intermediate_size=24, vocab_size=t_shape.vocab_size)
     student = adapter.read(build_student(teacher, shape, "weight-selection").student)
+    # Gemma's embeddings are scaled by sqrt(d): selection multiplies them by sqrt(d_T / d_S) (see there)
+    student.embed = torch.round(student.embed * (student.embed_scale / adapter.read(teacher).embed_scale))
     idx = block_indices(t_shape, shape, adapter.rotary)
     expected = {
         "width": uniform_indices(40, 20),

@@ -54,7 +54,11 @@ def test_bad_shapes_get_one_line_errors_that_say_what_to_change(kind, sizes, mes
 def test_unsupported_architecture_names_the_supported_ones():
     from transformers import OPTConfig
 
-    with pytest.raises(LmdistillError, match=r"model type 'opt' is not supported; supported model types: gpt2, llama"):
+    with pytest.raises(
+        LmdistillError,
+        match=r"model type 'opt' is not supported; supported model types: gemma3_text, gpt2, llama, mistral, qwen2, "
+        r"qwen3$",
+    ):
         adapter_for(OPTConfig())
 
 

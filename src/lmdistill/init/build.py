@@ -48,6 +48,8 @@ def build_student(
             random.
         guide-all: every block folded through M from teacher blocks chosen by uniform layer selection.
 
+    Each student block keeps the attention kind (sliding window or full) of the teacher block it comes from.
+
     Args:
         teacher: a supported Hugging Face causal LM in float32.
         shape: the student's shape (from `derive_student_shape`).
@@ -63,8 +65,13 @@ def build_student(
     """
     adapter = adapter_for(teacher.config)
     teacher_shape = adapter.shape(teacher.config)
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown initialization method {method!r}; choose one of {', '.join(INIT_METHODS)}")
+    # The teacher block each student block comes from: its attention kind (sliding window or full) goes with it.
+    layers = uniform_indices(teacher_shape.num_layers, shape.num_layers).tolist() if method == "guide-all" else None
     torch.manual_seed(seed)
-    student = AutoModelForCausalLM.from_config(adapter.student_config(teacher.config, shape), dtype=torch.float32)
+    config = adapter.student_config(teacher.config, shape, layers)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     student.eval()
     if method == "random":
         return InitResult(student, None, None)
@@ -84,10 +91,7 @@ def build_student(
         if frequencies is not None:
             energy = explained_energy(source.embed, shape.hidden_size, frequencies, layer_norm, seed)
         fold_embeddings_and_head(source, target, m)
-        teacher_layers = [0] if method == "guide" else uniform_indices(teacher_shape.num_layers, shape.num_layers)
-        for j, i in enumerate(teacher_layers):
-            target.blocks[j] = fold_block(select_block(source.blocks[int(i)], indices), m)
-    else:
-        raise ValueError(f"unknown initialization method {method!r}; choose one of {', '.join(INIT_METHODS)}")
+        for j, i in enumerate(layers or [0]):
+            target.blocks[j] = fold_block(select_block(source.blocks[i], indices), m)
     adapter.write(student, target)
     return InitResult(student, m, variance, energy)

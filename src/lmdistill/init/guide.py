@@ -14,6 +14,20 @@ the student's residual stream has zero mean, which makes the same fold exact (se
 folded exactly into the weight's bias (b W). The untied output head
 reads the residual through the final norm and gets the same rule; a tied head follows the embeddings.
 
+Gemma 3 (`lmdistill.models.adapters.Gemma3Adapter`): the gain of its RMSNorms is 1 + w (`Norm.gain`), which the
+folds use. Block 1 reads sqrt(d) E[t], so E_S = sqrt(d_T / d_S) E_T M makes the student's scaled embeddings the
+teacher's times M exactly; the tied head then gives logits rms_norm(x M) E_S^T = rms_norm(x) E_T^T for x in span(M)
+(gain 1, the final gain cannot be folded into a tied head). Its post-norms normalize a block output a = z W at the
+width of the residual stream, with no weight after them to take their gain g:
+
+    teacher:  rms_norm(a) diag(g) M                    = sqrt(d_T) (a ⊙ g) M / ||a||
+    student:  rms_norm(z W diag(g) M) (c rms(g))       = sqrt(d_T) rms(g) (a ⊙ g) M / ||(a ⊙ g) M||
+
+with the gain moved in front of M into the write weight and the student's gain the constant c rms(g),
+c = sqrt(d_T / d_S) (`fold_block`). These agree up to one factor per token, rms(g) ||a|| / ||(a ⊙ g) M||, which
+is 1 for a constant g on outputs a in span(M) (with nothing cut M is a rotation and every a is in its span). No
+diagonal student gain is exact for a per-coordinate g: diag(g) does not commute with M.
+
 Launch: `lmdistill init --teacher default --method guide --hidden-size 288 --num-layers 6 --num-heads 3
 --num-kv-heads 1 --intermediate-size 768 --out runs/student-guide`
 """
@@ -190,7 +204,8 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
 
     Read side (q, k, v, up, gate): W_S = c M^T diag(g) W with c = sqrt(d_T / d_S), bias b_S = b + beta W for a
     LayerNorm bias beta. Write side (o, down and their biases): W_S = W M. The student's pre-norms become gain 1,
-    bias 0.
+    bias 0. A post-norm of gain g on a write-side output (Gemma 3): W_S = W diag(g) M (bias likewise) and the
+    student's gain is the constant c rms(g): exact up to one factor per token (see the module docstring).
 
     Args:
         block: canonical block at teacher width d_T.
@@ -203,7 +218,7 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
     c = math.sqrt(d_teacher / d_student)
 
     def read(w: Tensor, norm: Norm) -> Tensor:
-        scaled = w * norm.weight.reshape(-1, *([1] * (w.dim() - 1)))  # diag(g) W
+        scaled = w * norm.gain.reshape(-1, *([1] * (w.dim() - 1)))  # diag(g) W
         return c * torch.tensordot(m.T, scaled, dims=1)  # [d_S, ...]
 
     def read_bias(bias: Tensor | None, w: Tensor, norm: Norm) -> Tensor | None:
@@ -213,17 +228,23 @@ def fold_block(block: BlockWeights, m: Tensor) -> BlockWeights:
             raise NotImplementedError("a LayerNorm bias in front of a projection without bias cannot be folded")
         return bias + torch.tensordot(norm.bias, w, dims=1)
 
-    def write(w: Tensor) -> Tensor:
-        return w @ m
+    def write(w: Tensor, post: Norm | None) -> Tensor:
+        return w @ m if post is None else (w * post.gain) @ m  # a post-norm's gain moves in front of M
 
     def unit_norm(norm: Norm) -> Norm:
-        return Norm(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
+        return norm.with_gain(torch.ones(d_student), None if norm.bias is None else torch.zeros(d_student))
 
-    return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm)
+    def post_norm(norm: Norm) -> Norm:
+        return norm.with_gain(torch.full((d_student,), c * norm.gain.square().mean().sqrt().item()))
+
+    return map_width(block, read=read, read_bias=read_bias, write=write, norm=unit_norm, post_norm=post_norm)
 
 
 def fold_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, m: Tensor) -> None:
     """Set the student's embeddings, positions, final norm and untied head from the teacher's through M, in place.
+
+    A model that scales its embeddings (Gemma 3: by sqrt(d)) gets E_T M times `teacher.embed_scale /
+    student.embed_scale`, so that block 1 reads the teacher's input times M.
 
     Args:
         teacher: canonical teacher weights at width d_T.
@@ -231,12 +252,12 @@ def fold_embeddings_and_head(teacher: ModelWeights, student: ModelWeights, m: Te
         m: projection [d_T, d_S].
     """
     d_teacher, d_student = m.shape
-    student.embed = teacher.embed @ m  # [V, d_S]
+    student.embed = (teacher.embed @ m) * (teacher.embed_scale / student.embed_scale)  # [V, d_S]
     if student.positions is not None:
         student.positions = teacher.positions[: student.positions.shape[0]] @ m  # [L_S, d_S]
     final = teacher.final_norm
-    student.final_norm = Norm(torch.ones(d_student), None if final.bias is None else torch.zeros(d_student))
+    student.final_norm = final.with_gain(torch.ones(d_student), None if final.bias is None else torch.zeros(d_student))
     # An untied head reads the residual through the final norm, so it takes the read-side rule. A final LayerNorm
     # bias would become a logit bias, which the head does not have: it is dropped.
     if student.head is not None:
-        student.head = math.sqrt(d_teacher / d_student) * (m.T @ (final.weight[:, None] * teacher.head))  # [d_S, V]
+        student.head = math.sqrt(d_teacher / d_student) * (m.T @ (final.gain[:, None] * teacher.head))  # [d_S, V]

@@ -108,8 +108,9 @@ def map_width(
     block: BlockWeights,
     read: Callable[[Tensor, Norm], Tensor],
     read_bias: Callable[[Tensor | None, Tensor, Norm], Tensor | None],
-    write: Callable[[Tensor], Tensor],
+    write: Callable[[Tensor, Norm | None], Tensor],
     norm: Callable[[Norm], Norm],
+    post_norm: Callable[[Norm], Norm],
 ) -> BlockWeights:
     """Change a block's residual width d_T -> d_S, role by role.
 
@@ -117,8 +118,9 @@ def map_width(
         block: canonical block (heads and units already selected).
         read: maps a read-side weight [d_T, ...] and the norm in front of it to [d_S, ...].
         read_bias: maps (bias or None, the original read-side weight, its norm) to the new bias.
-        write: maps a write-side weight or bias [..., d_T] to [..., d_S].
+        write: maps a write-side weight or bias [..., d_T] and the post-norm on its output (or None) to [..., d_S].
         norm: maps a pre-norm's parameters.
+        post_norm: maps the parameters of a norm on a write-side output (Gemma 3's post-norms).
 
     Returns:
         The block at the student's width.
@@ -129,12 +131,15 @@ def map_width(
         if w is not None:
             changes[weight] = read(w, n)
             changes[bias] = read_bias(getattr(block, bias), w, n)
-    for weight, bias in WRITE_ROLES.items():
-        changes[weight] = write(getattr(block, weight))
+    for weight, (bias, post) in WRITE_ROLES.items():
+        changes[weight] = write(getattr(block, weight), getattr(block, post))
         if getattr(block, bias) is not None:
-            changes[bias] = write(getattr(block, bias))
+            changes[bias] = write(getattr(block, bias), getattr(block, post))
     changes["attn_norm"] = norm(block.attn_norm)
     changes["mlp_norm"] = norm(block.mlp_norm)
+    for name in ("attn_post_norm", "mlp_post_norm"):
+        if getattr(block, name) is not None:
+            changes[name] = post_norm(getattr(block, name))
     unmapped = {f.name for f in fields(block)} - changes.keys() - {"q_norm", "k_norm"}
     assert all(getattr(block, name) is None for name in unmapped), f"roles without a width rule: {unmapped}"
     return replace(block, **changes)

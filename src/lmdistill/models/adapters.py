@@ -9,6 +9,7 @@ H_kv = key/value heads, l = head width, f = MLP width, V = vocabulary, L = posit
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -22,10 +23,24 @@ from lmdistill.errors import LmdistillError
 
 @dataclass
 class Norm:
-    """A pre-norm's parameters: RMSNorm has only a gain; LayerNorm also a bias."""
+    """A norm's parameters: RMSNorm has only a gain; LayerNorm also a bias.
+
+    `weight` is the module's parameter and the gain is `offset + weight`: Gemma's RMSNorm computes x · (1 + w)
+    (offset 1, so a zero weight is the identity), the others x · w (offset 0).
+    """
 
     weight: Tensor  # [d]
     bias: Tensor | None = None  # [d]
+    offset: float = 0.0
+
+    @property
+    def gain(self) -> Tensor:
+        """The per-coordinate factor the norm applies, `offset + weight` [d]."""
+        return self.weight + self.offset if self.offset else self.weight
+
+    def with_gain(self, gain: Tensor, bias: Tensor | None = None) -> Norm:
+        """A norm of the same parametrization whose gain is `gain`."""
+        return Norm(gain - self.offset if self.offset else gain, bias, self.offset)
 
 
 @dataclass
@@ -48,8 +63,10 @@ class BlockWeights:
     up_bias: Tensor | None = None  # [f]
     gate_bias: Tensor | None = None  # [f]
     down_bias: Tensor | None = None  # [d]
-    q_norm: Tensor | None = None  # [l]; per-head query norm gain (Qwen3)
+    q_norm: Tensor | None = None  # [l]; per-head query norm parameter (Qwen3, Gemma 3), copied, never folded
     k_norm: Tensor | None = None  # [l]
+    attn_post_norm: Norm | None = None  # normalizes the attention output before it joins the residual (Gemma 3)
+    mlp_post_norm: Norm | None = None  # normalizes the MLP output before it joins the residual (Gemma 3)
 
 
 # Which canonical fields read the residual stream (through which norm) and which write to it.
@@ -60,7 +77,10 @@ READ_ROLES: dict[str, tuple[str, str]] = {  # weight -> (its bias, the norm in f
     "up": ("up_bias", "mlp_norm"),
     "gate": ("gate_bias", "mlp_norm"),
 }
-WRITE_ROLES: dict[str, str] = {"o": "o_bias", "down": "down_bias"}  # weight -> its bias
+WRITE_ROLES: dict[str, tuple[str, str]] = {  # weight -> (its bias, the post-norm on its output, where present)
+    "o": ("o_bias", "attn_post_norm"),
+    "down": ("down_bias", "mlp_post_norm"),
+}
 
 
 @dataclass
@@ -72,6 +92,7 @@ class ModelWeights:
     final_norm: Norm
     head: Tensor | None  # [d, V]; None when tied to `embed`
     positions: Tensor | None = None  # [L, d]; learned absolute positions (GPT-2) only
+    embed_scale: float = 1.0  # block 1 reads embed * embed_scale (Gemma 3: sqrt(d), as the model computes it)
 
 
 @dataclass(frozen=True)
@@ -105,15 +126,23 @@ class Adapter:
     def shape(self, config: PretrainedConfig) -> ModelShape:
         raise NotImplementedError
 
-    def student_config(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+    def student_config(
+        self, teacher: PretrainedConfig, shape: ModelShape, layers: Sequence[int] | None = None
+    ) -> PretrainedConfig:
         """The student's config: the teacher's with the student's sizes, checked by the config class's own rules.
+
+        Args:
+            teacher: the teacher's config.
+            shape: the student's shape.
+            layers: the teacher block each student block is built from (default: the first N); per-layer attention
+                kinds (sliding window or full) follow them.
 
         Raises:
             LmdistillError: the config class refuses the shape (e.g. llama: a width that is not a multiple of the
                 head count), in one line.
         """
         try:
-            config = self.resize(teacher, shape)
+            config = self.resize(teacher, shape, list(range(shape.num_layers)) if layers is None else list(layers))
             if hasattr(config, "validate"):  # transformers' strict configs check again in save_pretrained
                 config.validate()
         except StrictDataclassError as exc:
@@ -123,8 +152,8 @@ class Adapter:
             ) from exc
         return config
 
-    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
-        """A copy of the teacher's config with the student's sizes."""
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape, layers: list[int]) -> PretrainedConfig:
+        """A copy of the teacher's config with the student's sizes, its blocks built from teacher blocks `layers`."""
         raise NotImplementedError
 
     def read(self, model: PreTrainedModel) -> ModelWeights:
@@ -142,6 +171,9 @@ class LlamaFamilyAdapter(Adapter):
     rotary = True
     grouped_kv = True
     head_dim_from_width = False
+    norm_offset: ClassVar[float] = 0.0  # see `Norm`
+    # canonical norm -> the decoder layer's module
+    block_norms: ClassVar[dict[str, str]] = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -155,7 +187,7 @@ class LlamaFamilyAdapter(Adapter):
             vocab_size=config.vocab_size,
         )
 
-    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape, layers: list[int]) -> PretrainedConfig:
         config = copy.deepcopy(teacher)
         config.hidden_size = shape.hidden_size
         config.num_hidden_layers = shape.num_layers
@@ -164,7 +196,7 @@ class LlamaFamilyAdapter(Adapter):
         config.head_dim = shape.head_dim  # explicit: hidden_size / num_heads no longer equals the teacher's width
         config.intermediate_size = shape.intermediate_size
         if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2/3 sliding window)
-            config.layer_types = [teacher.layer_types[i] for i in range(shape.num_layers)]
+            config.layer_types = [teacher.layer_types[i] for i in layers]
         if getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = min(config.max_window_layers, shape.num_layers)
         return config
@@ -179,9 +211,13 @@ class LlamaFamilyAdapter(Adapter):
             def bias(linear, *heads: int) -> Tensor | None:
                 return None if linear.bias is None else linear.bias.reshape(*heads)
 
+            norms = {
+                name: Norm(getattr(layer, module).weight, offset=self.norm_offset)
+                for name, module in self.block_norms.items()
+            }
             blocks.append(
                 BlockWeights(
-                    attn_norm=Norm(layer.input_layernorm.weight),
+                    **norms,
                     q=attn.q_proj.weight.T.reshape(d, h, hd),
                     k=attn.k_proj.weight.T.reshape(d, hkv, hd),
                     v=attn.v_proj.weight.T.reshape(d, hkv, hd),
@@ -192,7 +228,6 @@ class LlamaFamilyAdapter(Adapter):
                     o_bias=attn.o_proj.bias,
                     q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                     k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
-                    mlp_norm=Norm(layer.post_attention_layernorm.weight),
                     up=mlp.up_proj.weight.T,
                     gate=mlp.gate_proj.weight.T,
                     down=mlp.down_proj.weight.T,
@@ -205,8 +240,9 @@ class LlamaFamilyAdapter(Adapter):
         return ModelWeights(
             embed=model.model.embed_tokens.weight,
             blocks=blocks,
-            final_norm=Norm(model.model.norm.weight),
+            final_norm=Norm(model.model.norm.weight, offset=self.norm_offset),
             head=None if tied else model.lm_head.weight.T,
+            embed_scale=float(getattr(model.model.embed_tokens, "embed_scale", 1.0)),  # Gemma's scaled embedding
         )
 
     @torch.no_grad()
@@ -215,12 +251,14 @@ class LlamaFamilyAdapter(Adapter):
         for i, (layer, b) in enumerate(zip(model.model.layers, weights.blocks, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             pairs = [
-                (layer.input_layernorm.weight, b.attn_norm.weight, "attn_norm"),
+                (getattr(layer, module).weight, self._norm(b, name, i), name)
+                for name, module in self.block_norms.items()
+            ]
+            pairs += [
                 (attn.q_proj.weight, b.q.flatten(1).T, "q"),
                 (attn.k_proj.weight, b.k.flatten(1).T, "k"),
                 (attn.v_proj.weight, b.v.flatten(1).T, "v"),
                 (attn.o_proj.weight, b.o.flatten(0, 1).T, "o"),
-                (layer.post_attention_layernorm.weight, b.mlp_norm.weight, "mlp_norm"),
                 (mlp.up_proj.weight, b.up.T, "up"),
                 (mlp.gate_proj.weight, b.gate.T, "gate"),
                 (mlp.down_proj.weight, b.down.T, "down"),
@@ -243,9 +281,35 @@ class LlamaFamilyAdapter(Adapter):
                     pairs.append((dst if isinstance(dst, Tensor) else dst.weight, src.flatten(), name))
             for dst, src, name in pairs:
                 _copy(dst, src, f"block {i} {name}")
-        _copy(model.model.norm.weight, weights.final_norm.weight, "final_norm")
+        _copy(model.model.norm.weight, self._norm(weights, "final_norm"), "final_norm")
         if weights.head is not None:
             _copy(model.lm_head.weight, weights.head.T, "head")
+
+    def _norm(self, holder: BlockWeights | ModelWeights, name: str, block: int | None = None) -> Tensor:
+        """The parameter of norm `name`, checked to have this family's parametrization."""
+        norm = getattr(holder, name)
+        if norm is None or norm.offset != self.norm_offset:
+            where = name if block is None else f"block {block} {name}"
+            raise RuntimeError(f"internal error: {where} is missing or not of the form x * ({self.norm_offset} + w)")
+        return norm.weight
+
+
+class Gemma3Adapter(LlamaFamilyAdapter):
+    """Gemma 3 (text): the llama layout with embeddings scaled by sqrt(d), RMSNorms computing x · (1 + w), per-head
+    q/k norms, a norm after attention and after the MLP as well as before each, GeGLU, sliding-window layers.
+
+    Everything else in the config (query_pre_attn_scalar, sliding_window, soft-capping, rope bases) stays the
+    teacher's; layer_types follow the teacher blocks the student's are built from.
+    """
+
+    model_types = ("gemma3_text",)
+    norm_offset = 1.0
+    block_norms = {
+        "attn_norm": "input_layernorm",
+        "attn_post_norm": "post_attention_layernorm",
+        "mlp_norm": "pre_feedforward_layernorm",
+        "mlp_post_norm": "post_feedforward_layernorm",
+    }
 
 
 class GPT2Adapter(Adapter):
@@ -268,8 +332,8 @@ class GPT2Adapter(Adapter):
             vocab_size=config.vocab_size,
         )
 
-    def resize(self, teacher: PretrainedConfig, shape: ModelShape) -> PretrainedConfig:
-        config = copy.deepcopy(teacher)
+    def resize(self, teacher: PretrainedConfig, shape: ModelShape, layers: list[int]) -> PretrainedConfig:
+        config = copy.deepcopy(teacher)  # no per-layer settings: `layers` changes nothing
         config.n_embd = shape.hidden_size
         config.n_layer = shape.num_layers
         config.n_head = shape.num_heads
@@ -338,7 +402,7 @@ class GPT2Adapter(Adapter):
             _copy(model.lm_head.weight, weights.head.T, "head")
 
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaFamilyAdapter(), GPT2Adapter())
+ADAPTERS: tuple[Adapter, ...] = (LlamaFamilyAdapter(), Gemma3Adapter(), GPT2Adapter())
 
 
 def adapter_for(config: PretrainedConfig) -> Adapter:
