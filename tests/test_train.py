@@ -83,7 +83,7 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
 def cache_teacher(ws: Path, out: str, top_k: int, *extra: object) -> int:
     """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`: its exit code."""
     args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
-            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
+            "--top-k", top_k, "--teacher-dtype", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
     return main(["cache-teacher", *map(str, args)])
 
 
@@ -405,7 +405,7 @@ def test_an_interrupted_cache_build_is_refused_by_train_and_continued_with_resum
 
     def build(out: Path, **options) -> dict:
         return teacher_cache.write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=4,
-                                         shard_blocks=64, precision="fp32", progress=False, **options)  # fmt: skip
+                                         shard_blocks=64, progress=False, **options)  # fmt: skip
 
     straight = workspace / "cache-straight"
     build(straight)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lmdistill.losses import chunked_distill_loss
+from lmdistill.models.teacher_dtype import head_weight
 
 
 def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ class LMLoss(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, **loss_options: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The student's forward pass and its loss: (total, ce, kd) of `chunked_distill_loss` on its final hidden
-        states [B, L, d] and output head, for ids [B, L] and labels [B, L].
+        states [B, L, d] and output head (an int8 head's dequantized weights), for ids [B, L] and labels [B, L].
 
         Args:
             input_ids: int64 [B, L].
@@ -49,4 +50,4 @@ class LMLoss(nn.Module):
                 ``chunk_size``).
         """
         hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
-        return chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)
+        return chunked_distill_loss(hidden, head_weight(self.lm), labels, **loss_options)

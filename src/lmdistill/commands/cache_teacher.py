@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
 from lmdistill.models.load import load_teacher
-from lmdistill.teacher_cache import check_out, write_cache
+from lmdistill.models.teacher_dtype import to_teacher_dtype
+from lmdistill.teacher_cache import check_out, model_fingerprint, write_cache
 
 
 def run_cache_teacher(config: Any) -> dict[str, Any]:
@@ -24,6 +26,8 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
     """
     check_out(Path(config.out), resume=config.resume, overwrite=config.overwrite)  # before loading anything
     teacher = load_teacher(config.teacher)
+    fingerprint = model_fingerprint(teacher.model)  # of the weights as loaded, whatever dtype they run in
+    teacher_dtype = to_teacher_dtype(teacher.model, config.teacher_dtype, torch.device("cpu"))
     data = prepare_data(
         config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
     )
@@ -39,7 +43,8 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         top_k=config.top_k,
         blocks=blocks,
         batch_size=config.batch_size,
-        precision=config.precision,
+        teacher_dtype=teacher_dtype,
+        fingerprint=fingerprint,
         progress=config.progress,
         resume=config.resume,
         overwrite=config.overwrite,

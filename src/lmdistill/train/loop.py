@@ -50,6 +50,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.evaluation import heldout_loss, perplexity, spread_blocks
 from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.models.teacher_dtype import head_weight, to_teacher_dtype
 from lmdistill.objective import LMLoss, shifted_labels
 from lmdistill.precision import autocast, resolve_precision
 from lmdistill.provenance import environment
@@ -185,10 +186,13 @@ class TrainData(Protocol):
     Attributes:
         terms: the names of the loss parts the module returns after the total, logged per step.
         manifest: what the data is, written to ``OUT/data_manifest.json``.
+        teacher_dtype: the dtype an online teacher runs in and why, recorded in ``OUT/environment.json``; None
+            without one.
     """
 
     terms: tuple[str, ...]
     manifest: dict[str, Any]
+    teacher_dtype: tuple[str, str] | None  # the online teacher's dtype and why (`to_teacher_dtype`); None: none
 
     def __len__(self) -> int:
         """Number of training examples (blocks, or labelled examples)."""
@@ -234,13 +238,14 @@ class PackedTrainData:
         tokenizer: PreTrainedTokenizerBase,
         processes: distributed.Processes,
     ) -> None:
-        self.config, self.teacher, self.cache = config, None, None
+        self.config, self.teacher, self.cache, self.teacher_dtype = config, None, None, None
         check_positions(student, config.seq_len, "--seq-len")
         if config.teacher is not None and config.kd_share > 0:
             loaded = load_teacher(config.teacher)
             check_positions(loaded.model, config.seq_len, "--seq-len", "teacher")
-            self.teacher = loaded.model.to(processes.device)
-            check_same_vocabulary(student, tokenizer, self.teacher, loaded.tokenizer)
+            check_same_vocabulary(student, tokenizer, loaded.model, loaded.tokenizer)
+            self.teacher_dtype = to_teacher_dtype(loaded.model, config.teacher_dtype, processes.device)
+            self.teacher, self.teacher_head = loaded.model, head_weight(loaded.model)  # int8: dequantized once
         # The main process prepares (or finds) the packed data first; the others then read its cache.
         if processes.world > 1 and not processes.main:
             torch.distributed.barrier()
@@ -294,10 +299,9 @@ class PackedTrainData:
         ``[V, d_T]``; or the cached top-k ids and log-probabilities ``[B, L, K]`` of the blocks `indices`; ``{}``
         for CE only."""
         if self.teacher is not None:
-            return {
-                "teacher_hidden": self.teacher.base_model(input_ids=ids).last_hidden_state,
-                "teacher_head": self.teacher.get_output_embeddings().weight,
-            }
+            with torch.autocast(ids.device.type, enabled=False):  # the teacher computes in its own dtype
+                hidden = self.teacher.base_model(input_ids=ids).last_hidden_state
+            return {"teacher_hidden": hidden, "teacher_head": self.teacher_head}
         if self.cache is not None:
             top_ids, top_logprobs = self.cache.lookup(indices)  # [B, L, K] each
             return {"teacher_ids": top_ids.to(ids.device), "teacher_logprobs": top_logprobs.to(ids.device)}
@@ -550,7 +554,7 @@ def _write_run_files(run: Run) -> None:
     """OUT/config.yaml, environment.json (with the precision used) and data_manifest.json."""
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "config.yaml").write_text(to_yaml(run.settings))
-    env = environment(resolve_precision(run.processes.device, run.config.precision))
+    env = environment(resolve_precision(run.processes.device, run.config.precision), run.data.teacher_dtype)
     (run.out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     (run.out / "data_manifest.json").write_text(json.dumps(run.data.manifest, indent=2) + "\n")
 
