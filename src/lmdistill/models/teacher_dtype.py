@@ -71,9 +71,10 @@ def _quantize_int8(model: PreTrainedModel) -> None:
         model.set_output_embeddings(untied.requires_grad_(False))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        # weights per output channel (one scale per row); activations per tensor, per batch
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def head_weight(model: PreTrainedModel) -> torch.Tensor:
