@@ -159,3 +159,27 @@ def test_the_mixture_score_weights_each_source_by_its_share_of_the_training_toke
     alone = {name: heldout_loss(tiny_lm, b, batch_size=2) for name, b in blocks.items()}
     assert scores["a"] == alone["a"] and scores["b"] == alone["b"]
     assert scores["mixture"] == pytest.approx(0.25 * alone["a"] + 0.75 * alone["b"])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_eval_runs_the_teacher_in_its_dtype_and_records_it(ws, tmp_path, capsys, monkeypatch, fast):
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device, cpuinfo=None: fast)
+    results = {}
+    for dtype in ("auto", "fp32", "bf16", "int8"):
+        out = tmp_path / f"{dtype}.json"
+        args = ("--model", ws / "b", "--teacher", ws / "a", "--teacher-dtype", dtype, "--precision", "fp32")
+        assert run_eval_cli(ws, out, *args) == 0
+        results[dtype] = json.loads(out.read_text())
+        env = results[dtype]["environment"]
+        assert results[dtype]["teacher"]["dtype"] == env["teacher_dtype"]
+        assert f"(in {env['teacher_dtype']})" in capsys.readouterr().out
+    auto = results["auto"]["environment"]
+    assert (auto["teacher_dtype"], auto["teacher_dtype_reason"]) == resolve_precision(CPU, "auto")
+    assert auto["teacher_dtype"] == ("bf16" if fast else "fp32") and auto["precision"] == "fp32"
+    assert results["int8"]["environment"]["teacher_dtype_reason"] == "set to int8"
+    loss = {dtype: r["teacher"]["val_loss"] for dtype, r in results.items()}
+    assert loss["auto"] == loss["bf16" if fast else "fp32"]
+    assert loss["bf16"] != loss["fp32"] != loss["int8"]
+    assert loss["bf16"] == pytest.approx(loss["fp32"], rel=0.01)
+    assert loss["int8"] == pytest.approx(loss["fp32"], rel=0.01)
+    assert len({r["model"]["val_loss"] for r in results.values()}) == 1  # the model keeps its own --precision

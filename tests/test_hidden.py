@@ -51,7 +51,7 @@ def workspace(tmp_path_factory, one_thread):
 
 def cache_teacher(ws: Path, out: str, *extra: object, top_k: int = 8) -> int:
     args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
-            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
+            "--top-k", top_k, "--teacher-dtype", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
     return main(["cache-teacher", *map(str, args)])
 
 
@@ -171,7 +171,7 @@ def test_states_that_overflow_float16_are_refused_before_a_shard_is_written(work
     data = prepare_data([str(workspace / "corpus")], teacher.tokenizer, 16, val_fraction=0.2, progress=False)
     out = workspace / "cache-overflow"
     with pytest.raises(LmdistillError, match="overflow float16"):
-        write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=8, precision="fp32",
+        write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=8,
                     progress=False, hidden=hidden.HiddenSpec(16, 2))  # fmt: skip
     assert not list(out.glob("shard-*"))
 

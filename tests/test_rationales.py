@@ -778,3 +778,32 @@ def test_train_reads_a_rationales_file_without_a_final_newline_whole_and_leaves_
     config = RationaleTrainConfig(student="s", out="o", task="jsonl", data=data, rationales=str(path))
     assert rationale_targets(load_task("jsonl", "train", data=data), config) == {"q1": "cat mat", "q3": "test words"}
     assert path.read_bytes() == before
+
+
+def test_extract_runs_the_teacher_in_its_dtype_records_it_and_resumes_only_in_it(
+    teacher_dir, tmp_path, capsys, monkeypatch
+):
+    from lmdistill import precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device, cpuinfo=None: False)
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    fp32, bf16 = tmp_path / "fp32.jsonl", tmp_path / "bf16.jsonl"
+    assert extract(teacher_dir, data, fp32, "--limit", 3) == 0
+    assert "teacher in fp32 (auto: CPU without AVX512-BF16/AMX" in capsys.readouterr().out
+    assert extract(teacher_dir, data, bf16, "--limit", 3, "--teacher-dtype", "bf16") == 0
+    assert "teacher in bf16 (set to bf16)" in capsys.readouterr().out
+    settings = {p: yaml.safe_load(p.with_name(p.name + ".config.yaml").read_text()) for p in (fp32, bf16)}
+    assert settings[fp32]["teacher_dtype"] == "fp32" and settings[bf16]["teacher_dtype"] == "bf16"  # as resolved
+    for a, b in zip(lines(fp32), lines(bf16), strict=True):  # bf16 changes the scores a little
+        assert [s for _, s in a["words"]] != [s for _, s in b["words"]]
+        assert [s for _, s in a["words"]][0] == pytest.approx([s for _, s in b["words"]][0], rel=0.1)
+    command = ["rationales", "extract", "--teacher", teacher_dir, "--task", "jsonl", "--data", data, "--out", bf16]
+    assert "--teacher-dtype 'bf16' (now 'fp32')" in cli_error(capsys, *command, "--teacher-dtype", "fp32")
+    assert "gradient attribution needs gradients through the teacher" in cli_error(
+        capsys, *command, "--teacher-dtype", "int8"
+    )
+    # a file written before --teacher-dtype had an fp32 teacher: it resumes with the fp32 one
+    path = fp32.with_name(fp32.name + ".config.yaml")
+    path.write_text(yaml.safe_dump({k: v for k, v in settings[fp32].items() if k != "teacher_dtype"}))
+    assert extract(teacher_dir, data, fp32, "--limit", 4, "--teacher-dtype", "fp32") == 0
+    assert len(lines(fp32)) == 4

@@ -83,7 +83,7 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
 def cache_teacher(ws: Path, out: str, top_k: int, *extra: object) -> int:
     """`lmdistill cache-teacher` on the workspace's teacher and corpus, with the settings of `config`: its exit code."""
     args = ["--teacher", ws / "teacher", "--data", ws / "corpus", "--seq-len", 16, "--val-fraction", 0.2,
-            "--top-k", top_k, "--precision", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
+            "--top-k", top_k, "--teacher-dtype", "fp32", "--no-progress", "--out", ws / out, *extra]  # fmt: skip
     return main(["cache-teacher", *map(str, args)])
 
 
@@ -412,7 +412,7 @@ def test_an_interrupted_cache_build_is_refused_by_train_and_continued_with_resum
 
     def build(out: Path, **options) -> dict:
         return teacher_cache.write_cache(teacher.model, teacher.name, teacher.tokenizer, data, out, top_k=4,
-                                         shard_blocks=64, precision="fp32", progress=False, **options)  # fmt: skip
+                                         shard_blocks=64, progress=False, **options)  # fmt: skip
 
     straight = workspace / "cache-straight"
     build(straight)
@@ -741,3 +741,38 @@ def test_train_from_a_directory_without_a_cache_is_refused_in_one_line(workspace
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(
         "manifest.json is missing (run lmdistill cache-teacher)"
     )
+
+
+def test_the_cache_manifest_records_the_teacher_dtype_and_resume_refuses_another(workspace, capsys):
+    build_cache(workspace, "cache-fp32", 4)
+    build_cache(workspace, "cache-int8", 4, "--teacher-dtype", "int8")
+    fp32, int8 = (json.loads((workspace / name / "manifest.json").read_text()) for name in ("cache-fp32", "cache-int8"))
+    assert (fp32["teacher_dtype"], fp32["teacher_dtype_reason"]) == ("fp32", "set to fp32")
+    assert (int8["teacher_dtype"], int8["teacher_dtype_reason"]) == ("int8", "set to int8")
+    assert int8["teacher_fingerprint"] == fp32["teacher_fingerprint"]  # the weights as loaded
+    capsys.readouterr()
+    assert cache_teacher(workspace, "cache-int8", 4, "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lmdistill cache-teacher: error: --resume: ") and (
+        "another teacher_dtype ('int8' there, 'fp32' now) (another --teacher-dtype)" in err
+    ), err
+    build_cache(workspace, "cache-int8", 4, "--resume", "--teacher-dtype", "int8")
+    # int8 changes the cached distributions, a little
+    shards = [load_file(workspace / name / "shard-000000.safetensors") for name in ("cache-fp32", "cache-int8")]
+    assert (shards[0]["ids"][..., 0] == shards[1]["ids"][..., 0]).float().mean() > 0.9
+    assert not torch.equal(shards[0]["logprobs"], shards[1]["logprobs"])
+    assert (shards[0]["logprobs"][..., 0] - shards[1]["logprobs"][..., 0]).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("teacher_dtype", ["bf16", "int8"])
+def test_online_kd_runs_its_teacher_in_its_own_dtype_beside_the_student_s_precision(workspace, teacher_dtype):
+    runs = {}
+    for dtype, precision in (("fp32", "fp32"), (teacher_dtype, "bf16")):
+        out = f"kd-teacher-{teacher_dtype}-{dtype}-{precision}"
+        runs[dtype] = run_train(config(workspace, out, loss="kd", teacher=str(workspace / "teacher"),
+                                       teacher_dtype=dtype, precision=precision, max_steps=2))  # fmt: skip
+        env = json.loads((workspace / out / "environment.json").read_text())
+        assert (env["teacher_dtype"], env["teacher_dtype_reason"]) == (dtype, f"set to {dtype}")
+        assert env["precision"] == precision
+    assert math.isfinite(runs[teacher_dtype]["val_loss"])
+    assert runs[teacher_dtype]["val_loss"] == pytest.approx(runs["fp32"]["val_loss"], rel=0.05)

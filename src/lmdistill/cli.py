@@ -60,7 +60,7 @@ def _cache_teacher(config: CacheTeacherConfig) -> None:
     manifest = run_cache_teacher(config)
     print(
         f"teacher cache of {manifest['num_blocks']} blocks x {manifest['seq_len']} tokens, top-{manifest['top_k']}, "
-        f"written to {config.out}"
+        f"teacher in {manifest['teacher_dtype']} ({manifest['teacher_dtype_reason']}), written to {config.out}"
     )
 
 
@@ -72,7 +72,8 @@ def _eval(config: EvalConfig) -> None:
     for name in ("model", "baseline", "teacher"):
         if name in results:
             r = results[name]
-            print(f"{name:9s} val loss {r['val_loss']:.4f} nats/token, perplexity {r['val_ppl']:.2f}")
+            dtype = f" (in {r['dtype']})" if "dtype" in r else ""
+            print(f"{name:9s} val loss {r['val_loss']:.4f} nats/token, perplexity {r['val_ppl']:.2f}{dtype}")
     if "gap_closed_loss" in results and results["gap_closed_loss"] is None:
         print(f"gap closed: {GAP_UNDEFINED}")
     elif "gap_closed_loss" in results:
@@ -114,7 +115,8 @@ def _rationales_extract(config: RationaleExtractConfig) -> None:
     speed = f", {summary['examples_per_s']:.2f} examples/s" if summary["examples_per_s"] else ""
     print(
         f"{summary['new']} new rationales{speed}; {summary['total']} in {summary['out']}, teacher accuracy "
-        f"{100 * summary['accuracy']:.1f}% on them"
+        f"{100 * summary['accuracy']:.1f}% on them; teacher in {summary['teacher_dtype']} "
+        f"({summary['teacher_dtype_reason']})"
     )
 
 

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.hidden import block_outputs
 from lmdistill.losses import chunked_distill_loss, hidden_loss
+from lmdistill.models.teacher_dtype import head_weight
 
 
 def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,9 @@ class LMLoss(nn.Module):
         **loss_options: Any,
     ) -> tuple[torch.Tensor, ...]:
         """The student's forward pass and its loss: (total, ce, kd) of `chunked_distill_loss` on its final hidden
-        states [B, L, d] and output head, for ids [B, L] and labels [B, L]; with a hidden weight w > 0, (total + w ·
-        hkd, ce, kd, hkd), hkd the mean over `hidden_blocks` of `hidden_loss` against `teacher_states`.
+        states [B, L, d] and output head (an int8 head's dequantized weights), for ids [B, L] and labels [B, L];
+        with a hidden weight w > 0, (total + w · hkd, ce, kd, hkd), hkd the mean over `hidden_blocks` of
+        `hidden_loss` against `teacher_states`.
 
         Args:
             input_ids: int64 [B, L].
@@ -62,10 +64,10 @@ class LMLoss(nn.Module):
         """
         if hidden_weight == 0:
             hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
-            return chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)
+            return chunked_distill_loss(hidden, head_weight(self.lm), labels, **loss_options)
         with block_outputs(self.lm, hidden_blocks) as states:
             hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state  # [B, L, d]
-        total, ce, kd = chunked_distill_loss(hidden, self.lm.get_output_embeddings().weight, labels, **loss_options)
+        total, ce, kd = chunked_distill_loss(hidden, head_weight(self.lm), labels, **loss_options)
         valid, num_items = labels != -100, loss_options.get("num_items")
         hkd = sum(
             hidden_loss(states[block], teacher_states[:, :, i], valid, num_items)

@@ -35,9 +35,13 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status)}
 
 
-def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
+def environment(
+    precision: tuple[str, str] | None = None, teacher_dtype: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """Versions, device and git state, for the files every run writes; with ``precision``, the precision the run's
-    forward passes used and why (`lmdistill.precision.resolve_precision`) as ``precision`` and ``precision_reason``."""
+    forward passes used and why (`lmdistill.precision.resolve_precision`) as ``precision`` and ``precision_reason``;
+    with ``teacher_dtype``, the dtype its teacher ran in and why (`lmdistill.models.teacher_dtype.to_teacher_dtype`)
+    as ``teacher_dtype`` and ``teacher_dtype_reason``."""
     cuda = torch.cuda.is_available()
     env = {
         "lmdistill": lmdistill.__version__,
@@ -53,6 +57,8 @@ def environment(precision: tuple[str, str] | None = None) -> dict[str, Any]:
     }
     if precision is not None:
         env["precision"], env["precision_reason"] = precision
+    if teacher_dtype is not None:
+        env["teacher_dtype"], env["teacher_dtype_reason"] = teacher_dtype
     return env
 
 

@@ -3,7 +3,8 @@
 Format (version 2), one directory:
 
 - `manifest.json`: `format` ("lmdistill-teacher-cache"), `version` (2), `teacher` (name), `teacher_fingerprint`
-  (sha256 of the teacher's config and weights), `tokenizer_fingerprint`, `vocab_size`, `data_fingerprint` (of the
+  (sha256 of the teacher's config and weights, as loaded), `teacher_dtype` ("fp32", "bf16" or "int8": what the
+  teacher ran in) and `teacher_dtype_reason`, `tokenizer_fingerprint`, `vocab_size`, `data_fingerprint` (of the
   packed data it was computed on), `data_num_blocks` (training blocks in that data), `seq_len`, `top_k`,
   `temperature` (always 1), `num_blocks` (blocks cached: all of the data's, or the ones a run of known length
   reads), and `shards`: a list of `{"file", "num_blocks"}`.
@@ -49,12 +50,12 @@ from lmdistill.hidden import (
     PROJECTION,
     HiddenSpec,
     decoder_layers,
-    fingerprint,
     layer_pairs,
     projection,
     teacher_states,
 )
-from lmdistill.precision import autocast
+from lmdistill.hidden import fingerprint as projection_fingerprint
+from lmdistill.models.teacher_dtype import head_weight
 from lmdistill.storage import staged
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,11 @@ CACHE_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})\.partial-[0-9a-f]{{32}}")
 # what must agree for --resume, the most telling first (a different seq_len also changes the data fingerprint)
 RESUME_KEYS = (
     "format", "version", "seq_len", "top_k", "tokenizer_fingerprint", "vocab_size", "data_fingerprint",
-    "data_num_blocks", "teacher_fingerprint", "temperature", "num_blocks", "hidden", "shards",
+    "data_num_blocks", "teacher_fingerprint", "teacher_dtype", "temperature", "num_blocks", "hidden", "shards",
 )  # fmt: skip
 _RESUME_HINTS = {"teacher_fingerprint": " (other teacher weights)", "data_fingerprint": " (other --data text)",
-                 "num_blocks": " (another --samples or --seed)", "hidden": " (another --hidden-student)"}  # fmt: skip
+                 "num_blocks": " (another --samples or --seed)", "hidden": " (another --hidden-student)",
+                 "teacher_dtype": " (another --teacher-dtype)"}  # fmt: skip
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -94,7 +96,8 @@ def write_cache(
     blocks: np.ndarray | None = None,
     batch_size: int = 8,
     shard_blocks: int = 256,
-    precision: str = "auto",
+    teacher_dtype: tuple[str, str] = ("fp32", "set to fp32"),
+    fingerprint: str | None = None,
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
@@ -104,11 +107,11 @@ def write_cache(
     projected hidden states, in the same forward passes).
 
     A non-empty `out` is refused unless `resume` (continue the build it holds: refused unless it has the same teacher
-    fingerprint, data, seq_len, top_k, blocks and hidden states) or `overwrite` (delete its cache files first:
-    refused if it holds any other file). Every refusal comes before the teacher's first forward pass.
+    fingerprint and dtype, data, seq_len, top_k, blocks and hidden states) or `overwrite` (delete its cache files
+    first: refused if it holds any other file). Every refusal comes before the teacher's first forward pass.
 
     Args:
-        teacher: the teacher causal LM (eval mode).
+        teacher: the teacher causal LM (eval mode), in the dtype it runs in (see `to_teacher_dtype`).
         teacher_name: recorded in the manifest.
         tokenizer: the teacher's tokenizer (its fingerprint must match the data's).
         data: packed data; its training blocks are cached.
@@ -117,7 +120,9 @@ def write_cache(
         blocks: indices of the training blocks to cache, distinct (default: all, in order).
         batch_size: blocks per teacher forward pass.
         shard_blocks: blocks per shard file.
-        precision: "auto", "bf16" or "fp32" autocast of the teacher's forward pass.
+        teacher_dtype: the dtype `teacher` runs in and why (`to_teacher_dtype`), recorded in the manifest.
+        fingerprint: `model_fingerprint` of the teacher as loaded, before `to_teacher_dtype` (default: of `teacher`,
+            which must then be float).
         progress: show a progress bar.
         resume: continue the build in a non-empty `out`, reusing its shards.
         overwrite: replace the cache in a non-empty `out`.
@@ -133,7 +138,9 @@ def write_cache(
         f"shard-{first // shard_blocks:06d}.safetensors": blocks[first : first + shard_blocks]
         for first in range(0, len(blocks), shard_blocks)
     }
-    manifest = _manifest(teacher, teacher_name, data, top_k, planned)
+    record = {"teacher": teacher_name, "teacher_fingerprint": fingerprint or model_fingerprint(teacher)}
+    record.update(teacher_dtype=teacher_dtype[0], teacher_dtype_reason=teacher_dtype[1])
+    manifest = _manifest(teacher, record, data, top_k, planned)
     if targets is not None:
         manifest["hidden"] = targets[0]
     if existing and resume:
@@ -149,8 +156,7 @@ def write_cache(
         if _shard_blocks(out / name) == indices.tolist():  # written by the build this one resumes
             bar.update(len(indices))
             continue
-        tensors = _shard(teacher, data, indices, top_k=top_k, batch_size=batch_size, precision=precision, bar=bar,
-                         hidden=targets)  # fmt: skip
+        tensors = _shard(teacher, data, indices, top_k=top_k, batch_size=batch_size, bar=bar, hidden=targets)
         with staged(out / name, directory=False) as staging:
             save_file(tensors, staging)
     bar.close()
@@ -165,7 +171,7 @@ def _blocks_to_cache(
 ) -> np.ndarray:
     """The training blocks `write_cache` caches, after refusing a top-k outside the vocabulary, another tokenizer
     than the data's, or blocks that are not distinct training blocks of the data."""
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = head_weight(teacher).shape[0]
     if not 1 <= top_k <= vocab:
         raise LmdistillError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
     if tokenizer_fingerprint(tokenizer) != data.manifest["tokenizer_fingerprint"]:
@@ -188,23 +194,27 @@ def _hidden_targets(teacher: torch.nn.Module, hidden: HiddenSpec | None) -> tupl
         "student_num_layers": hidden.num_layers,
         "layers": [{"student": student, "teacher": block} for student, block in pairs],
         "projection": PROJECTION,
-        "projection_sha256": fingerprint(m),
+        "projection_sha256": projection_fingerprint(m),
         "dtype": "float16",
     }
     return record, m
 
 
 def _manifest(
-    teacher: torch.nn.Module, teacher_name: str, data: PackedData, top_k: int, planned: dict[str, np.ndarray]
+    teacher: torch.nn.Module,
+    teacher_record: dict[str, str],
+    data: PackedData,
+    top_k: int,
+    planned: dict[str, np.ndarray],
 ) -> dict[str, Any]:
-    """The manifest of a cache of the `planned` shards (file name -> training blocks) of `data` (module docstring)."""
+    """The manifest of a cache of the `planned` shards (file name -> training blocks) of `data` (module docstring),
+    with the teacher's `teacher_record` (name, fingerprint, dtype and its reason)."""
     return {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": teacher_name,
-        "teacher_fingerprint": model_fingerprint(teacher),
+        **teacher_record,
         "tokenizer_fingerprint": data.manifest["tokenizer_fingerprint"],
-        "vocab_size": teacher.get_output_embeddings().weight.shape[0],
+        "vocab_size": head_weight(teacher).shape[0],
         "data_fingerprint": data.fingerprint,
         "data_num_blocks": data.train.shape[0],
         "seq_len": data.train.shape[1],
@@ -222,12 +232,12 @@ def _shard(
     *,
     top_k: int,
     batch_size: int,
-    precision: str,
     bar: tqdm,
     hidden: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the shard of training blocks `indices` (see the module docstring), `batch_size` blocks per
-    teacher forward pass, with the `hidden` targets (`_hidden_targets`) when given; called under `torch.no_grad()`."""
+    teacher forward pass in the teacher's own dtype, with the `hidden` targets (`_hidden_targets`) when given;
+    called under `torch.no_grad()`."""
     device = next(teacher.parameters()).device
     seq_len = data.train.shape[1]
     ids = torch.empty(len(indices), seq_len, top_k, dtype=torch.int32)
@@ -237,12 +247,11 @@ def _shard(
     for start in range(0, len(indices), batch_size):
         rows = slice(start, min(start + batch_size, len(indices)))
         block = torch.as_tensor(data.train[indices[rows]].astype(np.int64), device=device)
-        with autocast(device, precision):
-            if hidden is None:
-                logits = teacher(input_ids=block).logits  # [b, L, V]
-            else:
-                output, projected = teacher_states(teacher, block, blocks, hidden[1])  # projected: [b, L, H, d_S]
-                logits, states[rows] = output.logits, projected.cpu()
+        if hidden is None:
+            logits = teacher(input_ids=block).logits  # [b, L, V]
+        else:
+            output, projected = teacher_states(teacher, block, blocks, hidden[1])  # projected: [b, L, H, d_S]
+            logits, states[rows] = output.logits, projected.cpu()
         top = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [b, L, K]
         ids[rows], logprobs[rows] = top.indices.int().cpu(), top.values.cpu()
         bar.update(rows.stop - rows.start)

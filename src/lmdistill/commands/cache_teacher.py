@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import prepare_data
 from lmdistill.hidden import HiddenSpec, check_student
 from lmdistill.models.load import load_teacher, read_config, teacher_source
-from lmdistill.teacher_cache import check_out, write_cache
+from lmdistill.models.teacher_dtype import to_teacher_dtype
+from lmdistill.teacher_cache import check_out, model_fingerprint, write_cache
 
 
 def run_cache_teacher(config: Any) -> dict[str, Any]:
@@ -33,6 +35,8 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         shape = {"width": hidden.width, "student_num_layers": hidden.num_layers}
         check_student(student_config, student, shape, teacher_source(config.teacher).name, "--hidden-student")
     teacher = load_teacher(config.teacher)
+    fingerprint = model_fingerprint(teacher.model)  # of the weights as loaded, whatever dtype they run in
+    teacher_dtype = to_teacher_dtype(teacher.model, config.teacher_dtype, torch.device("cpu"))
     data = prepare_data(
         config.data, teacher.tokenizer, config.seq_len, val_fraction=config.val_fraction, progress=config.progress
     )
@@ -48,7 +52,8 @@ def run_cache_teacher(config: Any) -> dict[str, Any]:
         top_k=config.top_k,
         blocks=blocks,
         batch_size=config.batch_size,
-        precision=config.precision,
+        teacher_dtype=teacher_dtype,
+        fingerprint=fingerprint,
         progress=config.progress,
         resume=config.resume,
         overwrite=config.overwrite,

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmdistill.config import RationaleExtractConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_teacher
+from lmdistill.models.teacher_dtype import resolve_teacher_dtype, to_teacher_dtype
 from lmdistill.rationales.answers import encode_answer, teacher_answers
 from lmdistill.rationales.attribution import answer_attributions
 from lmdistill.rationales.records import read_records, settings_path
@@ -37,12 +38,12 @@ log = logging.getLogger(__name__)
 # Config fields that shape the output lines: a resumed run must agree with the first on all of them (on the IG ones
 # only with --method integrated-gradients).
 RECORD_SETTINGS = (
-    "teacher", "task", "split", "data", "size", "seed", "template", "k", "method", "reduction", "order", "stop_words",
-    "max_new_tokens", "choice_score", "ig_steps", "ig_baseline",
+    "teacher", "teacher_dtype", "task", "split", "data", "size", "seed", "template", "k", "method", "reduction",
+    "order", "stop_words", "max_new_tokens", "choice_score", "ig_steps", "ig_baseline",
 )  # fmt: skip
 IG_SETTINGS = ("ig_steps", "ig_baseline")
 # Settings added since the first rationale files: the value those files were written with.
-SETTINGS_BEFORE = {"ig_baseline": "zero"}
+SETTINGS_BEFORE = {"ig_baseline": "zero", "teacher_dtype": "fp32"}
 
 
 def _check_out(out: Path) -> None:
@@ -62,13 +63,15 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _resolved(config: RationaleExtractConfig) -> RationaleExtractConfig:
-    return dataclasses.replace(config, template=config.prompt_template)
+def _resolved(config: RationaleExtractConfig, device: torch.device) -> RationaleExtractConfig:
+    """The settings as they shape the lines: the template used, and the dtype the teacher runs in on `device`."""
+    dtype = resolve_teacher_dtype(device, config.teacher_dtype)[0]
+    return dataclasses.replace(config, template=config.prompt_template, teacher_dtype=dtype)
 
 
-def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool) -> None:
+def _check_settings(out: Path, config: RationaleExtractConfig, resuming: bool, device: torch.device) -> None:
     """Write the settings of a new rationale file; for an existing one, refuse settings that differ."""
-    path, resolved = settings_path(out), _resolved(config)
+    path, resolved = settings_path(out), _resolved(config, device)
     if not resuming:
         out.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(to_yaml(resolved))
@@ -125,15 +128,18 @@ def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:
 
     Returns:
         ``out``, ``new`` (records written now), ``total`` (records in the file), ``accuracy`` (teacher accuracy over
-        the file's records), ``seconds`` and ``examples_per_s`` of this run's extraction (teacher loading excluded).
+        the file's records), ``seconds`` and ``examples_per_s`` of this run's extraction (teacher loading excluded),
+        ``teacher_dtype`` and ``teacher_dtype_reason`` (what the teacher runs in here, and why).
     """
     out = Path(config.out)
     _check_out(out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_dtype = resolve_teacher_dtype(device, config.teacher_dtype)
     examples = load_task(
         config.task, config.split, data=config.data, size=config.size, seed=config.seed, limit=config.limit
     )
     records = read_records(out)
-    _check_settings(out, config, resuming=bool(records))
+    _check_settings(out, config, resuming=bool(records), device=device)
     done = {r["id"] for r in records}
     todo = [e for e in examples if e.id not in done]
     seconds = 0.0
@@ -146,7 +152,7 @@ def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:
             )
         if tokenizer.eos_token_id is None:
             raise LmdistillError(f"the tokenizer of {teacher.name} has no end-of-sequence token")
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        to_teacher_dtype(model, config.teacher_dtype, device)
         log.info("%d of %d examples to do (%d already in %s)", len(todo), len(examples), len(examples) - len(todo), out)
         start = time.perf_counter()
         with (
@@ -168,4 +174,6 @@ def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:
         "accuracy": sum(bool(r.get("correct")) for r in records) / max(len(records), 1),
         "seconds": seconds,
         "examples_per_s": len(todo) / seconds if seconds else None,
+        "teacher_dtype": teacher_dtype[0],
+        "teacher_dtype_reason": teacher_dtype[1],
     }

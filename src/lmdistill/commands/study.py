@@ -205,7 +205,6 @@ def _build_teacher_cache(config: StudyConfig, out: Path, loader: _Teacher, data:
             top_k=config.top_k,
             blocks=blocks,
             batch_size=config.batch_size,
-            precision=config.precision,
             progress=config.progress,
             resume=not rebuild,  # an interrupted build continues
             overwrite=rebuild,
@@ -304,7 +303,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     if not pending and teacher_record_path(results_path).is_file():
         return write_results(config)
     teacher = _Teacher(config)
-    # the precision of the study's own forward passes (teacher, step-0 losses, teacher cache); runs record theirs
+    # the precision of the study's own forward passes (teacher scoring, step-0 losses; the cache's teacher runs in
+    # fp32); runs record theirs
     precision = resolve_precision(next(teacher.get().model.parameters()).device, config.precision)
     (out / "environment.json").write_text(json.dumps(environment(precision), indent=2) + "\n")
     data = prepare_data(config.data, teacher.get().tokenizer, config.seq_len, val_fraction=config.val_fraction)

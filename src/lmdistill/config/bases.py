@@ -13,6 +13,7 @@ from typing import Literal
 from lmdistill.config.schema import check_ranges
 from lmdistill.errors import LmdistillError
 from lmdistill.losses import DivergenceKind
+from lmdistill.models.teacher_dtype import TeacherDtype
 from lmdistill.rationales.tasks import GSM_TAKES_NO_DATA, JSONL_NEEDS_DATA, check_template, task_spec
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -81,6 +82,20 @@ class Autocast:
         default="auto",
         metadata={
             "help": "forward passes in bf16 autocast or fp32; auto: bf16 where it is fast (GPU, AVX512-BF16/AMX CPU)"
+        },
+    )
+
+
+@dataclass
+class TeacherPrecision:
+    """The teacher's dtype (`train` with --teacher, `cache-teacher`, `eval --teacher`, `rationales extract`); the
+    teacher runs in it outside the student's --precision."""
+
+    teacher_dtype: TeacherDtype = field(
+        default="auto",
+        metadata={
+            "help": "teacher weights and compute: fp32, bf16, or int8 (its linear layers and output head dynamically "
+            "quantized, CPU only); auto: bf16 where it is fast (GPU, AVX512-BF16/AMX CPU), else fp32, never int8"
         },
     )
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmdistill.config.bases import Autocast, Corpus, Distillation, DryRun, Engine, EngineRun, StudentRun
+from lmdistill.config.bases import (
+    Autocast,
+    Corpus,
+    Distillation,
+    DryRun,
+    Engine,
+    EngineRun,
+    StudentRun,
+    TeacherPrecision,
+)
 from lmdistill.config.schema import check_ranges, check_required, check_types, override
 from lmdistill.errors import LmdistillError
 from lmdistill.init.build import InitMethod
@@ -72,7 +81,7 @@ class InitConfig(Corpus):
 
 
 @dataclass
-class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
+class TrainConfig(DryRun, EngineRun, Engine, TeacherPrecision, Distillation, Corpus, StudentRun):
     """`lmdistill train`: train a student with cross-entropy and/or distillation from an online or cached teacher."""
 
     teacher: str | None = field(
@@ -138,7 +147,7 @@ class TrainConfig(DryRun, EngineRun, Engine, Distillation, Corpus, StudentRun):
 
 @dataclass
 @override(help={"seq_len": "tokens per block; must match the training run"})
-class CacheTeacherConfig(Autocast, Corpus):
+class CacheTeacherConfig(TeacherPrecision, Corpus):
     """`lmdistill cache-teacher`: store the teacher's top-k next-token distribution over the training blocks."""
 
     teacher: str = field(default="default", metadata={"help": "teacher: HF directory, .gguf file or 'default'"})
@@ -187,7 +196,7 @@ class CacheTeacherConfig(Autocast, Corpus):
 
 @dataclass
 @override(help={"seq_len": "tokens per block"})
-class EvalConfig(Autocast, Corpus):
+class EvalConfig(TeacherPrecision, Autocast, Corpus):
     """`lmdistill eval`: held-out loss and perplexity; with --teacher and --baseline, the share of the gap closed."""
 
     model: str | None = field(default=None, metadata={"help": "the model to evaluate: a Hugging Face directory"})

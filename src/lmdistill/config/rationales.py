@@ -16,6 +16,7 @@ from lmdistill.config.bases import (
     StudentRun,
     StudyRun,
     Task,
+    TeacherPrecision,
 )
 from lmdistill.config.distill import TrainConfig
 from lmdistill.config.schema import check_ranges, check_required, check_seeds, check_types, fields_of, override
@@ -27,7 +28,7 @@ LineStyle = str | tuple[int, tuple[int, ...]]  # a matplotlib line style
 
 
 @dataclass
-class RationaleExtractConfig(Attribution, Answering):
+class RationaleExtractConfig(TeacherPrecision, Attribution, Answering):
     """`lmdistill rationales extract`: the teacher answers each example; the top-k input words of the gradient
     attribution of its answer become the rationale, one JSON line per example (resumable)."""
 
@@ -43,6 +44,11 @@ class RationaleExtractConfig(Attribution, Answering):
         check_types(self)
         check_required(self, "out", "the JSON-lines file to write the rationales to")
         check_ranges(self, ["k", "ig_steps"], 1)
+        if self.teacher_dtype == "int8":
+            raise LmdistillError(
+                "--teacher-dtype int8: gradient attribution needs gradients through the teacher, which its "
+                "int8-quantized layers do not give; pass fp32, bf16 or auto"
+            )
         self.check_answering()
 
 

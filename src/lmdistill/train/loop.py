@@ -52,6 +52,7 @@ from lmdistill.evaluation import heldout_loss, perplexity, spread_blocks
 from lmdistill.hidden import check_student, decoder_layers, layer_pairs, projection, teacher_states
 from lmdistill.models.adapters import ADAPTERS
 from lmdistill.models.load import load_hf_directory, load_teacher
+from lmdistill.models.teacher_dtype import head_weight, to_teacher_dtype
 from lmdistill.objective import LMLoss, shifted_labels
 from lmdistill.precision import autocast, resolve_precision
 from lmdistill.provenance import environment
@@ -178,10 +179,13 @@ class TrainData(Protocol):
     Attributes:
         terms: the names of the loss parts the module returns after the total, logged per step.
         manifest: what the data is, written to ``OUT/data_manifest.json``.
+        teacher_dtype: the dtype an online teacher runs in and why, recorded in ``OUT/environment.json``; None
+            without one.
     """
 
     terms: tuple[str, ...]
     manifest: dict[str, Any]
+    teacher_dtype: tuple[str, str] | None  # the online teacher's dtype and why (`to_teacher_dtype`); None: none
 
     def __len__(self) -> int:
         """Number of training examples (blocks, or labelled examples)."""
@@ -228,16 +232,18 @@ class PackedTrainData:
         tokenizer: PreTrainedTokenizerBase,
         processes: distributed.Processes,
     ) -> None:
-        self.config, self.teacher, self.cache = config, None, None
+        self.config, self.teacher, self.cache, self.teacher_dtype = config, None, None, None
         self.hidden: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor | None] | None = None  # blocks, teacher's, M
         check_positions(student, config.seq_len, "--seq-len")
         if config.teacher is not None and config.needs_teacher:
             loaded = load_teacher(config.teacher)
             check_positions(loaded.model, config.seq_len, "--seq-len", "teacher")
-            self.teacher = loaded.model.to(processes.device)
-            check_same_vocabulary(student, tokenizer, self.teacher, loaded.tokenizer)
-            if config.hidden_share > 0:
+            check_same_vocabulary(student, tokenizer, loaded.model, loaded.tokenizer)
+            self.teacher = loaded.model
+            if config.hidden_share > 0:  # M from the teacher's float embeddings, as `init` computes it
                 self._online_hidden(student, loaded.name)
+            self.teacher_dtype = to_teacher_dtype(loaded.model, config.teacher_dtype, processes.device)
+            self.teacher_head = head_weight(loaded.model)  # int8: dequantized once
         # The main process prepares (or finds) the packed data first; the others then read its cache.
         if processes.world > 1 and not processes.main:
             torch.distributed.barrier()
@@ -321,14 +327,18 @@ class PackedTrainData:
         ``[V, d_T]``; or the cached top-k ids and log-probabilities ``[B, L, K]`` of the blocks `indices`; ``{}``
         for CE only. With the hidden-state loss also ``teacher_states`` ``[B, L, H, d_S]``, computed (online) or
         cached (float16)."""
-        if self.teacher is not None and self.hidden is not None:
-            output, states = teacher_states(self.teacher.base_model, ids, self.hidden[1], self.hidden[2])
-            head = self.teacher.get_output_embeddings().weight
-            return {"teacher_hidden": output.last_hidden_state, "teacher_head": head, "teacher_states": states}
         if self.teacher is not None:
+            with torch.autocast(ids.device.type, enabled=False):  # the teacher computes in its own dtype
+                if self.hidden is None:
+                    return {
+                        "teacher_hidden": self.teacher.base_model(input_ids=ids).last_hidden_state,
+                        "teacher_head": self.teacher_head,
+                    }
+                output, states = teacher_states(self.teacher.base_model, ids, self.hidden[1], self.hidden[2])
             return {
-                "teacher_hidden": self.teacher.base_model(input_ids=ids).last_hidden_state,
-                "teacher_head": self.teacher.get_output_embeddings().weight,
+                "teacher_hidden": output.last_hidden_state,
+                "teacher_head": self.teacher_head,
+                "teacher_states": states,
             }
         if self.cache is not None:
             top_ids, top_logprobs = self.cache.lookup(indices)  # [B, L, K] each
@@ -585,7 +595,7 @@ def _write_run_files(run: Run) -> None:
     """OUT/config.yaml, environment.json (with the precision used) and data_manifest.json."""
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "config.yaml").write_text(to_yaml(run.settings))
-    env = environment(resolve_precision(run.processes.device, run.config.precision))
+    env = environment(resolve_precision(run.processes.device, run.config.precision), run.data.teacher_dtype)
     (run.out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     (run.out / "data_manifest.json").write_text(json.dumps(run.data.manifest, indent=2) + "\n")
 

@@ -111,6 +111,7 @@ class RationaleTrainData:
     """Labelled examples as `predict:` and `explain:` sequences: a `TrainData` of the training engine."""
 
     terms = ("label", "rationale")
+    teacher_dtype = None  # no teacher runs during training
 
     def __init__(
         self,
