@@ -113,7 +113,7 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
     only: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "train just these runs (TOKENS/ARM/SEED, e.g. 1228800/guide+kd/0) into --out and write no results: "
+            "help": "train just these runs (TOKENS/ARM/SEED, e.g. 1212416/guide+kd/0) into --out and write no results: "
             "rebuilds a study's students"
         },
     )
