@@ -61,7 +61,7 @@ from lmdistill.commands.rationales_eval import run_rationale_eval
 from lmdistill.commands.rationales_extract import IG_SETTINGS, run_extract
 from lmdistill.commands.rationales_report import write_plot, write_report
 from lmdistill.commands.rationales_train import run_rationale_train
-from lmdistill.commands.study import check_resumable
+from lmdistill.commands.study import check_resumable, results_dir, write_json
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import combined_precision, environment
@@ -118,11 +118,6 @@ def _evaluate(config: RationaleStudyConfig, task: str, model: str, path: Path) -
     return results
 
 
-def results_dir(config: RationaleStudyConfig) -> Path:
-    """Where the study's records and results go: `--results`, else `--out`."""
-    return Path(config.results or config.out)
-
-
 def record_path(results: Path, task: str, arm: str, seed: int) -> Path:
     """The record of one finished run."""
     return results / "records" / task / arm / f"seed-{seed}.json"
@@ -138,11 +133,6 @@ def words_record_path(results: Path, task: str) -> Path:
     return results / "records" / task / "rationale_words.json"
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
 def _teacher_accuracy(config: RationaleStudyConfig, out: Path, task: str) -> None:
     record = teacher_record_path(results_dir(config), task)
     if record.is_file():
@@ -153,7 +143,7 @@ def _teacher_accuracy(config: RationaleStudyConfig, out: Path, task: str) -> Non
         log.info("task %s: evaluating the teacher %s on the %s split", task, teacher, config.eval_split)
         results = _evaluate(config, task, teacher, path)
         log.info("task %s: teacher accuracy %.1f%%", task, 100 * results["accuracy"])
-    _write_json(record, json.loads(path.read_text()))
+    write_json(record, json.loads(path.read_text()))
 
 
 def _words_record(config: RationaleStudyConfig, out: Path, task: str) -> dict[str, Any]:
@@ -195,7 +185,7 @@ def _saliency_rationales(
         target = rationale_file(out, task, k)
         if not target.is_file() or len(read_records(target)) != summary["total"]:
             write_first_words(source, target, k)
-    _write_json(words, _words_record(config, out, task))
+    write_json(words, _words_record(config, out, task))
 
 
 def _random_rationales(config: RationaleStudyConfig, out: Path, task: str, pending: list[tuple[str, str, int]]) -> None:
@@ -245,7 +235,7 @@ def _finish_run(config: RationaleStudyConfig, out: Path, task: str, arm: str, se
         precision=env.get("precision"),
         precision_reason=env.get("precision_reason"),
     )
-    _write_json(record_path(results_dir(config), task, arm, seed), record)
+    write_json(record_path(results_dir(config), task, arm, seed), record)
 
 
 def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:

@@ -68,8 +68,8 @@ def run_dir(out: Path, budget: int, arm: str, seed: int) -> Path:
     return out / "runs" / str(budget) / arm / f"seed-{seed}"
 
 
-def results_dir(config: StudyConfig) -> Path:
-    """Where the study's records and results go: `--results`, else `--out`."""
+def results_dir(config: Any) -> Path:
+    """Where a study's records and results go (`study`, `rationales study`): `--results`, else `--out`."""
     return Path(config.results or config.out)
 
 
@@ -268,9 +268,10 @@ def write_results(config: StudyConfig, *, partial: bool = False) -> dict[str, An
     return results
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write a record as indented UTF-8 JSON, creating its directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _pending(config: StudyConfig) -> list[Run]:
@@ -310,7 +311,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     data = prepare_data(config.data, teacher.get().tokenizer, config.seq_len, val_fraction=config.val_fraction)
     scoring = _Scoring(config, data)
     if not config.only and not teacher_record_path(results_path).is_file():
-        _write_json(teacher_record_path(results_path), _teacher_record(config, teacher.get(), scoring))
+        write_json(teacher_record_path(results_path), _teacher_record(config, teacher.get(), scoring))
     _prepare_students(config, out, pending, scoring)
     summaries = _train_runs(config, pending, teacher, data, scoring)
     return {"runs": summaries, "written_to": str(out)} if config.only else write_results(config)
@@ -350,7 +351,7 @@ def _train_runs(
         summary = _summary(directory) or run_train(train_config, on_step=lambda record: overall.update(step_tokens))
         summaries[run_name(*run)] = summary
         if not config.only:
-            _write_json(record_path(results_dir(config), *run), _run_record(config, out, run, summary, scoring))
+            write_json(record_path(results_dir(config), *run), _run_record(config, out, run, summary, scoring))
             write_results(config, partial=True)
     overall.close()
     return summaries
