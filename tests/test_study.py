@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
@@ -268,12 +269,13 @@ def test_invalid_study_configs_are_refused_with_the_option_named(overrides, mess
 
 
 @pytest.mark.integration
-def test_the_precision_the_runs_used_is_recorded_and_reported(study):
+def test_the_precision_and_threads_the_runs_used_are_recorded_and_reported(study):
     out, _, _ = study
     results = json.loads((out / "results.json").read_text())
     assert (results["environment"]["precision"], results["environment"]["precision_reason"]) == ("fp32", "set to fp32")
     for path in (out / "environment.json", run_dir(out, 256, "random", 0) / "environment.json"):
         assert json.loads(path.read_text())["precision"] == "fp32", path
+    assert json.loads(record_path(out, 256, "random", 0).read_text())["cpu_threads"] == torch.get_num_threads()
     report = (out / "report.md").read_text()
     assert "runs in fp32 (set to fp32)" in report and "Warning" not in report
 

@@ -245,6 +245,7 @@ def _run_record(config: StudyConfig, out: Path, run: Run, summary: dict[str, Any
         precision=env["precision"],
         precision_reason=env["precision_reason"],
         cpu=env.get("cpu"),
+        cpu_threads=env.get("cpu_threads"),
         curve=_curve(directory),
         step0_val_loss=student["step0_val_loss"],
         explained_variance=student["explained_variance"],
