@@ -44,15 +44,17 @@ def workspace(tmp_path_factory):
 
 
 def train_args(ws: Path, out: str, teacher: str) -> list[str]:
-    """`lmdistill train` of 2 steps of 8 x 128 tokens: CE (teacher ""), online KD ("online") or cached KD."""
-    kd = {"": [], "online": ["--teacher", ws / "teacher"], "cached": ["--teacher-cache", ws / "teacher-cache"]}
+    """`lmdistill train` of 2 steps of 8 x 128 tokens: CE (teacher ""), online KD ("online", "online-int8": an int8
+    teacher) or cached KD."""
+    kd = {"": [], "online": ["--teacher", ws / "teacher"], "online-int8": ["--teacher", ws / "teacher",
+          "--teacher-dtype", "int8"], "cached": ["--teacher-cache", ws / "teacher-cache"]}  # fmt: skip
     args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 128, "--batch-size", 8,
             "--max-steps", 2, "--eval-tokens", 256, "--precision", "fp32", "--no-progress", "--out", ws / out,
             *kd[teacher], *(["--loss", "kd"] if teacher else [])]  # fmt: skip
     return list(map(str, args))
 
 
-@pytest.mark.parametrize("teacher", ["", "online", "cached"])
+@pytest.mark.parametrize("teacher", ["", "online", "online-int8", "cached"])
 def test_dry_run_prints_the_table_and_exits_without_loading_weights(workspace, teacher, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("--dry-run loaded weights")
@@ -64,7 +66,8 @@ def test_dry_run_prints_the_table_and_exits_without_loading_weights(workspace, t
     for row in ("student weights", "student gradients", "AdamW state", "activations", "loss chunk buffers",
                 "expected peak per process"):  # fmt: skip
         assert row in table
-    assert ("teacher weights" in table) == (teacher == "online")
+    assert ("teacher weights" in table) == teacher.startswith("online")
+    assert ("linear weights int8" in table) == ("teacher in float32" in table) == (teacher == "online-int8")
     assert ("cached top-k" in table) == ("teacher cache on disk" in table) == (teacher == "cached")
     assert not (workspace / "dry").exists()
 
@@ -97,7 +100,7 @@ def test_a_run_whose_estimate_exceeds_the_available_memory_warns_and_names_the_l
     assert main(train_args(workspace, "small", "online")) == 0
     (warning,) = [r.getMessage() for r in caplog.records if "exceeds" in r.getMessage()]
     assert "MiB available" in warning and "--teacher-cache" in warning and "--fsdp" in warning
-    assert "--chunk-size" in warning and "--teacher-dtype" not in warning
+    assert "--chunk-size" in warning and "--teacher-dtype int8" in warning
     assert started  # a warning, not a refusal
     caplog.clear()
     monkeypatch.setattr(estimate, "available_memory", lambda: 2**40)
@@ -127,9 +130,26 @@ def dry_run_peak(args: list[str]) -> float:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("teacher", ["", "online", "cached"])
+@pytest.mark.parametrize("teacher", ["", "online", "online-int8", "cached"])
 def test_the_estimate_is_within_25_percent_of_the_measured_peak(workspace, teacher):
     args = train_args(workspace, f"measured-{teacher or 'ce'}", teacher)
     expected, measured = dry_run_peak(args), peak_rss(args)
     print(f"{teacher or 'ce'}: estimate {expected / 2**20:.0f} MiB, VmHWM {measured / 2**20:.0f} MiB")
     assert abs(expected - measured) <= 0.25 * measured
+
+
+def test_an_int8_teacher_counts_its_linear_layers_at_one_byte_and_a_conversion_moment_in_float32():
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)  # fmt: skip
+    # per layer q, k, v, o, gate, up, down: 36,864 weights in 512 rows; the tied head 96 x 64 in 96 rows; float32:
+    # the embedding (6,144), 5 norms of 64, and the dequantized head
+    int8, _ = estimate.teacher_weight_bytes(config, "int8")
+    assert int8 == (2 * 36864 + 6144) + estimate.INT8_ROW * (2 * 512 + 96) + 4 * (6144 + 320) + 4 * 6144
+    assert estimate.teacher_weight_bytes(config, "bf16")[0] == 2 * (6144 + 2 * 36864 + 320)
+    student = LlamaConfig(vocab_size=96, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=1, num_key_value_heads=1, head_dim=8)  # fmt: skip
+    run = estimate.training_estimate(student, batch_size=1, seq_len=2, chunk_size=2, teacher=config,
+                                     teacher_dtype="int8", baseline=0)  # fmt: skip
+    fp32 = 4 * (6144 + 2 * 36864 + 320) + 4 * 6144  # loaded, with a float32 copy of the tied head to quantize
+    always = sum(term.bytes for term in run.terms if term.phase == "")
+    assert run.peak == always + fp32 - int8  # the tiny student's step and checkpoint are smaller than the conversion

@@ -1,10 +1,12 @@
 """Expected peak memory of a training run, and the disk of a teacher cache, from configs alone (`--dry-run`).
 
 Nothing here loads weights: parameter counts come from building the models of the config.json files on the meta
-device. Every term is float32 (the student trains in float32 and the teacher is loaded in float32). The peak is the
-larger of two moments of a run: the end of a backward pass (weights, gradients, AdamW state, the activations of one
-micro-batch, the loss's chunk buffers) and the final checkpoint write (weights, AdamW state, and a serialized copy of
-both, which safetensors builds in memory before it writes).
+device. The student's terms are float32 (it trains in float32); the online teacher's weights are counted at its
+`--teacher-dtype` (`teacher_weight_bytes`). The peak is the largest of three moments of a run: the end of a backward
+pass (weights, gradients, AdamW state, the activations of one micro-batch, the loss's chunk buffers), the final
+checkpoint write (weights, AdamW state, and a serialized copy of both, which safetensors builds in memory before it
+writes), and the teacher's conversion to bf16 or int8 (it is loaded in float32 first, so for a moment it is held in
+float32).
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
 FLOAT = 4  # bytes of a float32 (and of an int32 cache id)
 MIB = 2**20
+# bytes per output row of an int8 linear layer besides its weights: a float64 scale and an int64 zero point
+# (per-channel quantization) and fbgemm's int32 column offset
+INT8_ROW = 8 + 8 + 4
 
 
 def parameters(config: PretrainedConfig) -> int:
@@ -25,6 +32,34 @@ def parameters(config: PretrainedConfig) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def teacher_weight_bytes(config: PretrainedConfig, dtype: str) -> tuple[int, str]:
+    """Bytes of an online teacher's weights in the dtype it runs in (`lmdistill.models.teacher_dtype`), and how
+    they were counted.
+
+    fp32: 4 per parameter; bf16: 2. int8: every linear layer (the output head included) 1 per weight plus `INT8_ROW`
+    per output row and 4 per bias value, the rest (embeddings, norms) float32; the training loop also keeps the int8
+    head dequantized to float32 (`lmdistill.models.teacher_dtype.head_weight`), [V, d] x 4 more.
+    """
+    n = parameters(config)
+    if dtype != "int8":
+        size = 2 if dtype == "bf16" else FLOAT
+        return size * n, f"{n:,} parameters, {dtype}"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear | Conv1D)]
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    linear_ids = {id(p) for m in linear for p in m.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in linear_ids or (tied and p is head.weight))
+    rows = sum(m.weight.shape[1 if isinstance(m, Conv1D) else 0] for m in linear)
+    weights = sum(m.weight.numel() for m in linear)
+    biases = sum(m.bias.numel() for m in linear if m.bias is not None)
+    dequantized_head = FLOAT * head.weight.numel()
+    total = weights + INT8_ROW * rows + FLOAT * (biases + rest) + dequantized_head
+    how = f"{weights:,} linear weights int8, {rest:,} parameters float32, the head dequantized to float32"
+    return total, how
 
 
 def activation_floats(config: PretrainedConfig, tokens: int) -> int:
@@ -63,10 +98,14 @@ def _proc_kib(path: Path, key: str) -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+PHASES = ("", "step", "checkpoint", "conversion")
+
+
 @dataclass(frozen=True)
 class Term:
     """One component of the estimate: a name, its bytes, how they were counted, and when it is held: always
-    (phase ""), during a training step ("step") or while the final checkpoint is written ("checkpoint")."""
+    (phase ""), during a training step ("step"), while the final checkpoint is written ("checkpoint") or while the
+    teacher is converted from float32 to its dtype ("conversion")."""
 
     name: str
     bytes: int
@@ -90,9 +129,10 @@ class Estimate:
 
     @property
     def peak(self) -> int:
-        """What is always held plus the larger of the training step and the checkpoint write."""
-        held = {phase: sum(t.bytes for t in self.terms if t.phase == phase) for phase in ("", "step", "checkpoint")}
-        return held[""] + max(held["step"], held["checkpoint"])
+        """What is always held plus the largest of the training step, the checkpoint write and the teacher's
+        conversion."""
+        held = {phase: sum(t.bytes for t in self.terms if t.phase == phase) for phase in PHASES}
+        return held[""] + max(held[phase] for phase in PHASES[1:])
 
     def table(self) -> str:
         """The estimate as a text table, MiB per component."""
@@ -121,6 +161,7 @@ def training_estimate(
     seq_len: int,
     chunk_size: int,
     teacher: PretrainedConfig | None = None,
+    teacher_dtype: str = "fp32",
     held_teacher: PretrainedConfig | None = None,
     top_k: int | None = None,
     processes: int = 1,
@@ -135,6 +176,7 @@ def training_estimate(
         seq_len: tokens per sequence.
         chunk_size: positions per chunk of the loss.
         teacher: the online teacher's config (its weights and one no-grad forward), or None.
+        teacher_dtype: the dtype the online teacher runs in ("fp32", "bf16" or "int8", as resolved).
         held_teacher: a teacher whose weights the process holds without running it (a study's, while its runs
             train), or None.
         top_k: ids per position of a cached teacher, or None.
@@ -157,9 +199,18 @@ def training_estimate(
         t_n = parameters(teacher)
         # the no-grad forward's largest transient: one layer's MLP (gate, up, product) plus the kept hidden states
         t_inner = getattr(teacher, "intermediate_size", None) or 4 * teacher.hidden_size
-        t_forward = FLOAT * tokens * (3 * t_inner + 2 * teacher.hidden_size)
-        terms.append(Term("teacher weights", FLOAT * t_n, f"{t_n:,} parameters, float32"))
+        size = 2 if teacher_dtype == "bf16" else FLOAT  # int8 layers take and return float32 activations
+        t_forward = size * tokens * (3 * t_inner + 2 * teacher.hidden_size)
+        t_weights, how = teacher_weight_bytes(teacher, teacher_dtype)
+        terms.append(Term("teacher weights", t_weights, how))
         terms.append(Term("teacher forward", t_forward, "no grad, one micro-batch: one MLP and the hidden states"))
+        if teacher_dtype != "fp32":
+            loaded = FLOAT * t_n
+            how = f"loaded in float32 ({loaded / MIB:,.1f} MiB), then converted"
+            if teacher_dtype == "int8" and getattr(teacher, "tie_word_embeddings", True):
+                loaded += FLOAT * teacher.vocab_size * teacher.hidden_size
+                how += ", with a float32 copy of the tied head to quantize"
+            terms.append(Term("teacher in float32", max(0, loaded - t_weights), how, "conversion"))
     share = f", 1/{shards} per process (FSDP)" if shards > 1 else ""
     terms.append(Term("student weights", weights, f"{n:,} parameters, float32{share}"))
     terms.append(Term("AdamW state", 2 * weights, "exp_avg and exp_avg_sq, float32"))
@@ -193,8 +244,11 @@ def exceeds_available(estimate: Estimate) -> str | None:
     available = available_memory()
     if not available or estimate.peak <= available:
         return None
+    weights = next((term.how for term in estimate.terms if term.name == "teacher weights"), "")
+    online = any(term.name == "teacher forward" for term in estimate.terms) and "int8" not in weights
     return (
         f"the expected peak memory per process, {estimate.peak / MIB:,.0f} MiB, exceeds the {available / MIB:,.0f} "
-        "MiB available: consider --teacher-cache instead of an online --teacher, a smaller --chunk-size or "
+        "MiB available: consider --teacher-cache instead of an online --teacher"
+        f"{' (or --teacher-dtype int8 or bf16 for it)' if online else ''}, a smaller --chunk-size or "
         "--batch-size (with --grad-accum), or --fsdp under torchrun (see --dry-run for the table)"
     )

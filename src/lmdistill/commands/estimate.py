@@ -7,12 +7,15 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from lmdistill.config import STUDY_ARMS, StudyConfig, TrainConfig
 from lmdistill.config.study import STUDY_SHAPE
 from lmdistill.estimate import Estimate, cache_bytes, exceeds_available, training_estimate
 from lmdistill.hidden import layer_pairs
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import read_config, teacher_config
+from lmdistill.models.teacher_dtype import resolve_teacher_dtype
 from lmdistill.models.shape import derive_student_shape
 from lmdistill.teacher_cache import read_manifest
 
@@ -28,12 +31,14 @@ def estimate_train(config: TrainConfig) -> Estimate:
     if cached:
         cache = Path(config.teacher_cache)
         top_k = read_manifest(cache)["top_k"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `lmdistill.distributed` picks
     estimate = training_estimate(
         read_config(Path(config.student)),
         batch_size=config.batch_size,
         seq_len=config.seq_len,
         chunk_size=config.chunk_size,
         teacher=teacher_config(config.teacher) if online else None,
+        teacher_dtype=resolve_teacher_dtype(device, config.teacher_dtype)[0],
         top_k=top_k,
         processes=int(os.environ.get("WORLD_SIZE", "1")),
         fsdp=config.fsdp,
