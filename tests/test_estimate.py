@@ -139,8 +139,8 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(workspace, teach
 
 
 def test_an_int8_teacher_counts_its_linear_layers_at_one_byte_and_a_conversion_moment_in_float32():
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
     # per layer q, k, v, o, gate, up, down: 36,864 weights in 512 rows; the tied head 96 x 64 in 96 rows; float32:
     # the embedding (6,144), 5 norms of 64, and the dequantized head
     int8, _ = estimate.teacher_weight_bytes(config, "int8")

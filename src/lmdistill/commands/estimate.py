@@ -15,8 +15,8 @@ from lmdistill.estimate import Estimate, cache_bytes, exceeds_available, trainin
 from lmdistill.hidden import layer_pairs
 from lmdistill.models.adapters import adapter_for
 from lmdistill.models.load import read_config, teacher_config
-from lmdistill.models.teacher_dtype import resolve_teacher_dtype
 from lmdistill.models.shape import derive_student_shape
+from lmdistill.models.teacher_dtype import resolve_teacher_dtype
 from lmdistill.teacher_cache import read_manifest
 
 log = logging.getLogger(__name__)
