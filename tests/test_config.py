@@ -38,6 +38,7 @@ SHIPPED_CONFIGS = {
     "study-budgets.yaml": StudyConfig,
     "rationales-svamp-cqa.yaml": RationaleStudyConfig,
     "rationales-svamp-ws12.yaml": RationaleStudyConfig,
+    "rationales-esnli.yaml": RationaleStudyConfig,
 }
 
 
