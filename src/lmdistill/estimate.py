@@ -42,8 +42,8 @@ def teacher_weight_bytes(config: PretrainedConfig, dtype: str) -> tuple[int, str
     per output row and 4 per bias value, the rest (embeddings, norms) float32; the training loop also keeps the int8
     head dequantized to float32 (`lmdistill.models.teacher_dtype.head_weight`), [V, d] x 4 more.
     """
-    n = parameters(config)
     if dtype != "int8":
+        n = parameters(config)
         size = 2 if dtype == "bf16" else FLOAT
         return size * n, f"{n:,} parameters, {dtype}"
     with torch.device("meta"):
