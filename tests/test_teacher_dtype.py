@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_teacher
 from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from lmdistill import precision as precision_module
 from lmdistill.errors import LmdistillError
-from lmdistill.models.teacher_dtype import head_weight, resolve_teacher_dtype, to_teacher_dtype
+from lmdistill.models.teacher_dtype import TokenScaledInt8, head_weight, resolve_teacher_dtype, to_teacher_dtype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,14 +46,32 @@ def test_each_teacher_dtype_runs_close_to_fp32(kind, tied, dtype):
     if dtype == "bf16":
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     if dtype == "int8":  # every linear layer quantized, the head included; the embedding float and unchanged
-        quantized = torch.ao.nn.quantized.dynamic.Linear
         assert not any(isinstance(m, nn.Linear) for m in model.modules())
-        assert isinstance(model.get_output_embeddings(), quantized)
-        layers = sum(isinstance(m, quantized) for m in model.modules())
+        assert isinstance(model.get_output_embeddings(), TokenScaledInt8)
+        layers = sum(isinstance(m, TokenScaledInt8) for m in model.modules())
         assert layers == 1 + 3 * (4 if kind == "gpt2" else 7)  # head + per block: q, k, v, o, mlp (gpt2: fused)
         torch.testing.assert_close(model.get_input_embeddings().weight, embedding, rtol=0, atol=0)
         dequantized = model.get_output_embeddings().weight().dequantize()
         torch.testing.assert_close(head_weight(model), dequantized, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_an_int8_layer_gives_each_token_its_own_scale_so_one_large_token_costs_the_others_nothing():
+    linear = nn.Linear(64, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic's deprecation
+        per_tensor = quantize_dynamic(nn.Sequential(linear), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8)[0]
+        per_token = TokenScaledInt8(copy.deepcopy(per_tensor))
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    x[0, 0] *= 1000  # one token with large activations, as LMs' first positions have
+    exact = linear(x)
+
+    def error(layer: nn.Module) -> torch.Tensor:  # [2, 16]: the relative error per token
+        return (layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)
+
+    assert error(per_tensor)[1].min() > 0.3  # one scale for all: the small tokens get a handful of levels
+    assert error(per_token).max() < 0.02
+    torch.testing.assert_close(per_token.weight(), per_tensor.weight(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,11 @@ class Processes:
         return self.rank == 0
 
 
+def local_device(local_rank: int = 0) -> torch.device:
+    """The device a process of this machine computes on: its local GPU where there is one, else the CPU."""
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def start() -> Processes:
     """Join the process group that `torchrun` describes in the environment, or run alone.
 
@@ -37,7 +42,7 @@ def start() -> Processes:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device(local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

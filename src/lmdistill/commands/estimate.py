@@ -7,10 +7,9 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from lmdistill.config import STUDY_ARMS, StudyConfig, TrainConfig
 from lmdistill.config.study import STUDY_SHAPE
+from lmdistill.distributed import local_device
 from lmdistill.estimate import Estimate, cache_bytes, exceeds_available, training_estimate
 from lmdistill.hidden import layer_pairs
 from lmdistill.models.adapters import adapter_for
@@ -31,7 +30,7 @@ def estimate_train(config: TrainConfig) -> Estimate:
     if cached:
         cache = Path(config.teacher_cache)
         top_k = read_manifest(cache)["top_k"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `lmdistill.distributed` picks
+    device = local_device()
     estimate = training_estimate(
         read_config(Path(config.student)),
         batch_size=config.batch_size,

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmdistill.config import RationaleEvalConfig
+from lmdistill.distributed import local_device
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.provenance import environment
@@ -48,7 +49,7 @@ def run_rationale_eval(config: RationaleEvalConfig) -> dict[str, Any]:
         model, tokenizer, name = teacher.model, teacher.tokenizer, teacher.name
     if tokenizer.eos_token_id is None:
         raise LmdistillError(f"the tokenizer of {name} has no end-of-sequence token")
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to(local_device()).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     predictions = []
     start = time.perf_counter()

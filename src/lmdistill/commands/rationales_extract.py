@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import RationaleExtractConfig, to_yaml
+from lmdistill.distributed import local_device
 from lmdistill.errors import LmdistillError
 from lmdistill.models.load import load_teacher
 from lmdistill.models.teacher_dtype import resolve_teacher_dtype, to_teacher_dtype
@@ -133,7 +134,7 @@ def run_extract(config: RationaleExtractConfig) -> dict[str, Any]:
     """
     out = Path(config.out)
     _check_out(out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     teacher_dtype = resolve_teacher_dtype(device, config.teacher_dtype)
     examples = load_task(
         config.task, config.split, data=config.data, size=config.size, seed=config.seed, limit=config.limit
