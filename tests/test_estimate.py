@@ -153,3 +153,39 @@ def test_an_int8_teacher_counts_its_linear_layers_at_one_byte_and_a_conversion_m
     fp32 = 4 * (6144 + 2 * 36864 + 320) + 4 * 6144  # loaded, with a float32 copy of the tied head to quantize
     always = sum(term.bytes for term in run.terms if term.phase == "")
     assert run.peak == always + fp32 - int8  # the tiny student's step and checkpoint are smaller than the conversion
+
+
+CHUNK_PEAK = """
+import sys, torch
+from pathlib import Path
+from lmdistill import losses
+
+def hwm():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+n, vocab, kind, kd_weight = 256, 65536, sys.argv[1], float(sys.argv[2])
+torch.manual_seed(0)
+h, head, targets = torch.randn(n, 32), torch.randn(vocab, 32) * 0.1, torch.randint(0, vocab, (n,))
+teacher = losses._Teacher(hidden=torch.randn(n, 32), head=torch.randn(vocab, 32) * 0.1)
+options = losses._Options(kind=kind, temperature=2.0, beta=0.5, alpha=0.5, kd_weight=kd_weight, chunk_size=n)
+before = hwm()
+losses._chunk(h, head, targets, teacher, options, True)
+print((hwm() - before) / (n * vocab * 4))
+"""
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl"])
+def test_an_online_chunk_holds_the_buffers_the_estimate_counts(kind):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHUNK_PEAK, kind, "0.5"], capture_output=True, text=True, env=env,
+                          check=True)  # fmt: skip
+    measured = float(done.stdout)  # [chunk, V] float32 buffers alive at the peak of a ce+kd chunk at τ = 2
+    config = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1)  # fmt: skip
+    run = estimate.training_estimate(config, batch_size=1, seq_len=1, chunk_size=1, teacher=config, kd_loss=kind,
+                                     beta=0.5, baseline=0)  # fmt: skip
+    counted = next(t for t in run.terms if t.name == "loss chunk buffers").bytes / (4 * 64)
+    assert abs(measured - counted) < 0.5, (measured, counted)
+    if kind == "forward-kl":  # closed form: logits, the CE's gradient, teacher logits, log ratio
+        assert measured < 4.5

@@ -20,6 +20,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from lmdistill.losses import dense_kd_in_closed_form
+
 FLOAT = 4  # bytes of a float32 (and of an int32 cache id)
 MIB = 2**20
 # bytes per output row of an int8 linear layer besides its weights: a float64 scale and an int64 zero point
@@ -162,6 +164,8 @@ def training_estimate(
     chunk_size: int,
     teacher: PretrainedConfig | None = None,
     teacher_dtype: str = "fp32",
+    kd_loss: str = "forward-kl",
+    beta: float = 0.0,
     held_teacher: PretrainedConfig | None = None,
     top_k: int | None = None,
     processes: int = 1,
@@ -177,6 +181,9 @@ def training_estimate(
         chunk_size: positions per chunk of the loss.
         teacher: the online teacher's config (its weights and one no-grad forward), or None.
         teacher_dtype: the dtype the online teacher runs in ("fp32", "bf16" or "int8", as resolved).
+        kd_loss: the online teacher's divergence and `beta`, its JSD coefficient: forward KL (and JSD at β = 0) is
+            differentiated in closed form, the others through autograd, which holds more `[chunk, V]` buffers.
+        beta: see `kd_loss`.
         held_teacher: a teacher whose weights the process holds without running it (a study's, while its runs
             train), or None.
         top_k: ids per position of a cached teacher, or None.
@@ -222,8 +229,13 @@ def training_estimate(
     if fsdp and shards > 1:
         layer = FLOAT * (n - _embedding_parameters(student)) // student.num_hidden_layers
         train.append(Term("gathered layer", 2 * layer, "one decoder layer's weights and gradients, whole", "step"))
-    what = "logits, softmax, grad" + (", teacher logits, softmax" if teacher is not None else "")
-    buffers = what.count(",") + 1
+    # [chunk, V] float32 buffers alive at once, as measured (VmHWM) at V = 262,144 with one chunk
+    if teacher is None:
+        buffers, what = 3, "logits, softmax, grad"
+    elif dense_kd_in_closed_form(kd_loss, beta):
+        buffers, what = 4, "logits, CE grad, teacher logits, log ratio"
+    else:
+        buffers, what = 10, f"logits, CE grad, teacher logits, 7 in the autograd of {kd_loss}"
     chunk = FLOAT * min(chunk_size, tokens) * vocab * buffers
     train.append(Term("loss chunk buffers", chunk, f"{buffers} x [chunk, V] float32 ({what})", "step"))
     if top_k is not None:

@@ -308,6 +308,31 @@ def _dense_kd_with_grad(
     return total * temperature**2, grad
 
 
+def dense_kd_in_closed_form(kind: str, beta: float) -> bool:
+    """Whether the chunked loss differentiates a dense (online teacher's) divergence in closed form: forward KL, and
+    JSD at β = 0, which is forward KL (`_forward_kl_with_grad`); the others go through autograd."""
+    return kind == "forward-kl" or (kind == "jsd" and beta == 0.0)
+
+
+def _forward_kl_with_grad(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """[n, V] float32 student and teacher logits, both overwritten -> (τ²·Σ KL(p_T‖p_S) at temperature τ, its gradient
+    with respect to the student logits).
+
+    In closed form, d/ds τ²·KL(p_T‖p_S) = τ·(p_S - p_T), so the only [n, V] buffer beyond the two inputs is the log
+    ratio (autograd through `divergence` holds about nine); the log-probabilities are floored as `divergence` floors
+    them, so the sum is `_dense_kd_with_grad`'s.
+    """
+    if temperature != 1.0:
+        s, t = s.div_(temperature), t.div_(temperature)
+    log_s = s.sub_(torch.logsumexp(s, dim=-1, keepdim=True)).clamp_(min=_LOG_FLOOR)  # [n, V]
+    log_t = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=_LOG_FLOOR)
+    ratio = log_t - log_s  # [n, V]
+    p_t = log_t.exp_()
+    total = ratio.mul_(p_t).sum()
+    grad = log_s.exp_().sub_(p_t).mul_(temperature)  # τ² / τ
+    return total * temperature**2, grad
+
+
 def _sparse_kd_with_grad(
     s: Tensor,
     log_z: Tensor,
@@ -627,7 +652,10 @@ def _chunk(
         teacher_logits = F.linear(teacher.hidden, teacher.head.to(teacher.hidden.dtype))  # [n, V]
         if not with_grad:
             return ce, _dense_kd_sum(logits, teacher_logits, kind, temperature, beta, alpha), None
-        kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
+        if dense_kd_in_closed_form(kind, beta):  # x is not read again: overwritten here
+            kd, d_kd = _forward_kl_with_grad(x, _upcast(teacher_logits), temperature)
+        else:
+            kd, d_kd = _dense_kd_with_grad(logits, teacher_logits, kind, temperature, beta, alpha)
     d_logits = d_kd if d_logits is None else d_logits.mul_(1.0 - kd_weight).add_(d_kd, alpha=kd_weight)
     return ce, kd, d_logits.to(logits.dtype)
 

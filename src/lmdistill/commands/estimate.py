@@ -38,6 +38,8 @@ def estimate_train(config: TrainConfig) -> Estimate:
         chunk_size=config.chunk_size,
         teacher=teacher_config(config.teacher) if online else None,
         teacher_dtype=resolve_teacher_dtype(device, config.teacher_dtype)[0],
+        kd_loss=config.kd_loss,
+        beta=config.beta,
         top_k=top_k,
         processes=int(os.environ.get("WORLD_SIZE", "1")),
         fsdp=config.fsdp,
