@@ -156,6 +156,19 @@ def cache_bytes(blocks: int, seq_len: int, top_k: int, hidden: int = 0) -> int:
     return blocks * (seq_len * top_k * (FLOAT + FLOAT) + seq_len * FLOAT + 8 + seq_len * hidden * 2)
 
 
+def _chunk_buffers(entries: int, online: bool, kd_loss: str, beta: float) -> Term:
+    """The loss's [chunk, V] float32 buffers (`entries` = chunk x V) alive at once, as measured (VmHWM) at
+    V = 262,144: an online teacher's forward KL (and JSD at β = 0) is differentiated in closed form, the other
+    divergences through autograd, which holds more."""
+    if not online:
+        buffers, what = 3, "logits, softmax, grad"
+    elif dense_kd_in_closed_form(kd_loss, beta):
+        buffers, what = 4, "logits, CE grad, teacher logits, log ratio"
+    else:
+        buffers, what = 10, f"logits, CE grad, teacher logits, 7 in the autograd of {kd_loss}"
+    return Term("loss chunk buffers", FLOAT * entries * buffers, f"{buffers} x [chunk, V] float32 ({what})", "step")
+
+
 def training_estimate(
     student: PretrainedConfig,
     *,
@@ -181,9 +194,8 @@ def training_estimate(
         chunk_size: positions per chunk of the loss.
         teacher: the online teacher's config (its weights and one no-grad forward), or None.
         teacher_dtype: the dtype the online teacher runs in ("fp32", "bf16" or "int8", as resolved).
-        kd_loss: the online teacher's divergence and `beta`, its JSD coefficient: forward KL (and JSD at β = 0) is
-            differentiated in closed form, the others through autograd, which holds more `[chunk, V]` buffers.
-        beta: see `kd_loss`.
+        kd_loss: the online teacher's divergence (`_chunk_buffers`).
+        beta: its JSD coefficient.
         held_teacher: a teacher whose weights the process holds without running it (a study's, while its runs
             train), or None.
         top_k: ids per position of a cached teacher, or None.
@@ -229,15 +241,7 @@ def training_estimate(
     if fsdp and shards > 1:
         layer = FLOAT * (n - _embedding_parameters(student)) // student.num_hidden_layers
         train.append(Term("gathered layer", 2 * layer, "one decoder layer's weights and gradients, whole", "step"))
-    # [chunk, V] float32 buffers alive at once, as measured (VmHWM) at V = 262,144 with one chunk
-    if teacher is None:
-        buffers, what = 3, "logits, softmax, grad"
-    elif dense_kd_in_closed_form(kd_loss, beta):
-        buffers, what = 4, "logits, CE grad, teacher logits, log ratio"
-    else:
-        buffers, what = 10, f"logits, CE grad, teacher logits, 7 in the autograd of {kd_loss}"
-    chunk = FLOAT * min(chunk_size, tokens) * vocab * buffers
-    train.append(Term("loss chunk buffers", chunk, f"{buffers} x [chunk, V] float32 ({what})", "step"))
+    train.append(_chunk_buffers(min(chunk_size, tokens) * vocab, teacher is not None, kd_loss, beta))
     if top_k is not None:
         top = tokens * top_k * 2 * FLOAT
         train.append(Term("cached top-k", top, f"ids and logprobs of a micro-batch, K={top_k}", "step"))
