@@ -320,7 +320,7 @@ def _forward_kl_with_grad(s: Tensor, t: Tensor, temperature: float) -> tuple[Ten
 
     In closed form, d/ds τ²·KL(p_T‖p_S) = τ·(p_S - p_T), so the only [n, V] buffer beyond the two inputs is the log
     ratio (autograd through `divergence` holds about nine); the log-probabilities are floored as `divergence` floors
-    them, so the sum is `_dense_kd_with_grad`'s.
+    them, so sum and gradient equal `_dense_kd_with_grad`'s up to float rounding.
     """
     if temperature != 1.0:
         s, t = s.div_(temperature), t.div_(temperature)

@@ -104,8 +104,8 @@ class TokenScaledInt8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)  # [..., 1]: one per token
-        out = self.quantized(x / scale) * scale
-        return out if self.bias is None else out + self.bias
+        out = self.quantized(x / scale).mul_(scale)  # the layer's output is a fresh tensor: scaled in place
+        return out if self.bias is None else out.add_(self.bias)
 
 
 def head_weight(model: PreTrainedModel) -> torch.Tensor:
