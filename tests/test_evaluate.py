@@ -16,7 +16,7 @@ from lmdistill import precision as precision_module
 from lmdistill.cli import main
 from lmdistill.config import TrainConfig
 from lmdistill.evaluation import gap_closed, gap_closed_forms, heldout_loss, mixture_scores, spread_blocks
-from lmdistill.precision import resolve_precision
+from lmdistill.precision import resolve_precision, study_precision
 from lmdistill.provenance import environment, recorded_precision
 from lmdistill.train.loop import run_train
 
@@ -96,6 +96,20 @@ def test_eval_of_a_model_with_nan_weights_is_refused_naming_it(ws, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"lmdistill eval: error: the {role} {ws / 'nan'} has a non-finite held-out loss (nan)"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "recorded", "expected"),
+    [
+        ("auto", ["fp32", "fp32"], "fp32"),  # a resumed study keeps its runs' precision, whatever this machine has
+        ("auto", ["bf16"], "bf16"),
+        ("auto", [], "auto"),  # nothing finished: this machine decides
+        ("auto", ["bf16", "fp32"], "auto"),  # already mixed: nothing to keep
+        ("bf16", ["fp32"], "bf16"),  # a set precision is never overridden
+    ],
+)
+def test_a_study_s_auto_precision_follows_its_finished_runs(setting, recorded, expected):
+    assert study_precision(setting, recorded) == expected
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,26 @@ def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_
 
 
 @pytest.mark.integration
+def test_a_study_resumed_with_auto_precision_keeps_the_precision_its_records_used(study, tmp_path, monkeypatch):
+    out, config_file, _ = study
+    monkeypatch.setattr("lmdistill.precision.fast_bf16", lambda device: True)  # this machine alone would pick bf16
+    auto = tmp_path / "study.yaml"
+    auto.write_text(config_file.read_text().replace("precision: fp32", "precision: auto"))
+    committed = tmp_path / "results"
+    committed.mkdir()
+    (committed / "study_config.yaml").write_text((out / "study_config.yaml").read_text().replace(
+        "precision: fp32", "precision: auto"))  # fmt: skip
+    shutil.copytree(out / "records", committed / "records")  # every record ran in fp32
+    missing = record_path(committed, 256, "random", 1)
+    original = json.loads(missing.read_text())
+    missing.unlink()
+    args = ["study", "--config", str(auto), "--out", str(tmp_path / "fresh"), "--results", str(committed)]
+    assert main([*args, "--resume", "--no-progress"]) == 0
+    rebuilt = json.loads(missing.read_text())
+    assert rebuilt["precision"] == "fp32" and rebuilt["weights_sha256"] == original["weights_sha256"]
+
+
+@pytest.mark.integration
 def test_resume_refuses_a_changed_study(study):
     out, config_file, _ = study
     with pytest.raises(LmdistillError, match="different lr"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -59,3 +60,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if resolve_precision(device, precision)[0] == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def study_precision(setting: str, recorded: Iterable[str]) -> str:
+    """The precision setting for a study's new runs: "auto" with recorded runs that all used one precision becomes
+    that precision, so that a study resumed on a machine with other CPU flags (or a GPU) stays comparable; any other
+    case keeps ``setting``.
+
+    Args:
+        setting: the study's ``precision`` ("auto", "bf16" or "fp32").
+        recorded: the precision ("bf16" or "fp32") each of its finished runs recorded.
+    """
+    found = set(recorded)
+    return found.pop() if setting == "auto" and len(found) == 1 else setting

@@ -61,7 +61,7 @@ from lmdistill.commands.rationales_eval import run_rationale_eval
 from lmdistill.commands.rationales_extract import IG_SETTINGS, run_extract
 from lmdistill.commands.rationales_report import write_plot, write_report
 from lmdistill.commands.rationales_train import run_rationale_train
-from lmdistill.commands.study import check_resumable, results_dir, write_json
+from lmdistill.commands.study import check_resumable, keep_recorded_precision, results_dir, write_json
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import combined_precision, environment
@@ -260,6 +260,8 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
 
     runs = config.runs()
     pending = [run for run in runs if not record_path(results, *run).is_file()]
+    finished = [_read(record_path(results, *run)) for run in runs if record_path(results, *run).is_file()]
+    config = keep_recorded_precision(config, [record["precision"] for record in finished if record["precision"]])
     for task in config.tasks:
         _teacher_accuracy(config, out, task)
         _saliency_rationales(config, out, task, pending)

@@ -41,11 +41,12 @@ from lmdistill.commands.study_results import collect_results, record_path, teach
 from lmdistill.config import STUDY_ARMS, StudyArm, StudyConfig, load_yaml, run_name, to_yaml
 from lmdistill.data.order import DataOrder
 from lmdistill.data.packed import PackedData, prepare_data
+from lmdistill.distributed import local_device
 from lmdistill.errors import LmdistillError
 from lmdistill.evaluation import heldout_loss, heldout_sets, mixture_scores, mixture_weights, spread_blocks
 from lmdistill.hidden import HiddenSpec
 from lmdistill.models.load import load_hf_directory, load_teacher
-from lmdistill.precision import resolve_precision
+from lmdistill.precision import resolve_precision, study_precision
 from lmdistill.provenance import environment
 from lmdistill.storage import sha256_file
 from lmdistill.teacher_cache import INCOMPLETE, write_cache
@@ -105,6 +106,21 @@ def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignore
             f"--resume: the study in {out} was run with different {', '.join(changed)}; its runs would not be "
             "comparable. Choose another --out, or restore those settings"
         )
+
+
+def keep_recorded_precision(config: Any, recorded: list[str]) -> Any:
+    """``config`` with an "auto" precision fixed to the one its finished runs all recorded (`study_precision`).
+
+    Args:
+        config: a study config dataclass with ``precision``.
+        recorded: the precision each finished run of the study recorded.
+    """
+    precision = study_precision(config.precision, recorded)
+    if precision == config.precision:
+        return config
+    here = resolve_precision(local_device(), config.precision)[0]
+    log.info("precision auto: %s, as the study's %d finished runs (this machine: %s)", precision, len(recorded), here)
+    return dataclasses.replace(config, precision=precision)
 
 
 GROWABLE = ("arms", "ablations", "seeds", "ablation_seeds", "train_tokens")
@@ -301,6 +317,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     for directory in {out} if config.only else {out, results_path}:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "study_config.yaml").write_text(to_yaml(config))
+    finished = [record_path(results_path, *run) for run in config.runs() if record_path(results_path, *run).is_file()]
+    config = keep_recorded_precision(config, [json.loads(path.read_text())["precision"] for path in finished])
     pending = _pending(config)
     if not pending and teacher_record_path(results_path).is_file():
         return write_results(config)
