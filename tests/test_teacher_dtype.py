@@ -74,6 +74,17 @@ def test_an_int8_layer_gives_each_token_its_own_scale_so_one_large_token_costs_t
     torch.testing.assert_close(per_token.weight(), per_tensor.weight(), rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_an_int8_teacher_runs_under_a_callers_bf16_autocast():  # as TRL's trainer calls its teacher with bf16=True
+    model = tiny_teacher("llama")
+    to_teacher_dtype(model, "int8", CPU)
+    reference = model(IDS).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(IDS).logits
+    kl, agreement = kl_and_agreement(reference, logits)
+    assert kl < 2e-3 and agreement > 0.9, (kl, agreement)
+
+
 @pytest.mark.parametrize(
     "fast, expected",
     [(True, ("bf16", "auto: CPU with AVX512-BF16/AMX")),

@@ -103,6 +103,7 @@ class TokenScaledInt8(nn.Module):
         return self.quantized.weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # the int8 kernels take float32 only; under a caller's bf16 autocast (TRL's) x is bf16
         scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)  # [..., 1]: one per token
         out = self.quantized(x / scale).mul_(scale)  # the layer's output is a fresh tensor: scaled in place
         return out if self.bias is None else out.add_(self.bias)
