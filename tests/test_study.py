@@ -14,7 +14,7 @@ from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
 from lmdistill.commands.study import run_dir, student_dir, write_results
-from lmdistill.commands.study_report import headline_table
+from lmdistill.commands.study_report import device_text, headline_table
 from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
 from lmdistill.config import STUDY_ARMS, DemoConfig, StudyConfig, TrainConfig, load_yaml
 from lmdistill.errors import LmdistillError
@@ -388,3 +388,9 @@ def test_the_report_names_the_hidden_state_arms_and_compares_guide_hkd_with_guid
     assert comparison["sets"]["mixture"]["per_seed"] == pytest.approx([0.25, 0.2])
     report = (tmp_path / "report.md").read_text()
     assert "Hidden-state arms (`guide+hkd`) add 0.5 × (1 − cosine)" in report
+
+
+def test_the_report_names_the_device_with_its_thread_count_in_words():
+    assert device_text({"gpu": None, "cpu_threads": 1}) == "CPU (1 thread)"
+    assert device_text({"gpu": None, "cpu_threads": 2}) == "CPU (2 threads)"
+    assert device_text({"gpu": "NVIDIA H200", "cpu_threads": 16}) == "NVIDIA H200"

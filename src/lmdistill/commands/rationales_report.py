@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmdistill.commands.study_report import plus_minus, precision_text  # noqa: E402
+from lmdistill.commands.study_report import device_text, plus_minus, precision_text  # noqa: E402
 from lmdistill.config import RATIONALE_STUDY_ARMS, RationaleStudyConfig  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic", "esnli": "e-SNLI"}
@@ -97,7 +97,7 @@ def accuracy_tables(results: dict[str, Any]) -> str:
 def write_report(results: dict[str, Any], path: Path) -> None:
     """Write `report.md`: the setup in a paragraph, per task the table and the rationale-word share, the plot."""
     config, env = results["config"], results["environment"]
-    device = env["gpu"] or f"CPU ({env['cpu_threads']} threads)"
+    device = device_text(env)
     commit = (env["git"]["commit"] or "unknown")[:10]
     seeds = config["seeds"]
     train = "every training example" if config["train_limit"] is None else f"the first {config['train_limit']}"

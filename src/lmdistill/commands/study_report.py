@@ -153,10 +153,16 @@ def extension_table(results: dict[str, Any]) -> str | None:
     return "\n".join([head, "|---|---|---|---|---|---|", *rows])
 
 
+def device_text(env: dict[str, Any]) -> str:
+    """The device of a results' environment as a phrase: its GPU, else the CPU and torch's thread count."""
+    threads = env["cpu_threads"]
+    return env["gpu"] or f"CPU ({threads} thread{'s' * (threads != 1)})"
+
+
 def _setup_text(results: dict[str, Any]) -> str:
     config, setup, student = results["config"], results["setup"], results["student"]
     shape, env, teacher = student["shape"], results["environment"], results["teacher"]
-    device = env["gpu"] or f"CPU ({env['cpu_threads']} threads)"
+    device = device_text(env)
     kd_arms = sorted(
         {name for arms in results["budgets"].values() for name, arm in arms.items() if arm["loss"] != "ce"}
     )
