@@ -44,10 +44,12 @@ def workspace(tmp_path_factory):
 
 
 def train_args(ws: Path, out: str, teacher: str) -> list[str]:
-    """`lmdistill train` of 2 steps of 8 x 128 tokens: CE (teacher ""), online KD ("online", "online-int8": an int8
-    teacher) or cached KD."""
-    kd = {"": [], "online": ["--teacher", ws / "teacher"], "online-int8": ["--teacher", ws / "teacher",
-          "--teacher-dtype", "int8"], "cached": ["--teacher-cache", ws / "teacher-cache"]}  # fmt: skip
+    """`lmdistill train` of 2 steps of 8 x 128 tokens: CE (teacher ""), online KD ("online"; "online-int8",
+    "online-bf16": a teacher in that dtype) or cached KD."""
+    kd = {"": [], "online": ["--teacher", ws / "teacher", "--teacher-dtype", "fp32"],  # not auto: bf16 on some CPUs
+          "online-int8": ["--teacher", ws / "teacher", "--teacher-dtype", "int8"],
+          "online-bf16": ["--teacher", ws / "teacher", "--teacher-dtype", "bf16"],
+          "cached": ["--teacher-cache", ws / "teacher-cache"]}  # fmt: skip
     args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 128, "--batch-size", 8,
             "--max-steps", 2, "--eval-tokens", 256, "--precision", "fp32", "--no-progress", "--out", ws / out,
             *kd[teacher], *(["--loss", "kd"] if teacher else [])]  # fmt: skip
@@ -103,6 +105,11 @@ def test_a_run_whose_estimate_exceeds_the_available_memory_warns_and_names_the_l
     assert "--chunk-size" in warning and "--teacher-dtype int8" in warning
     assert started  # a warning, not a refusal
     caplog.clear()
+    for reduced in ("online-int8", "online-bf16"):  # a teacher already in a reduced dtype: not offered again
+        assert main(train_args(workspace, f"small-{reduced}", reduced)) == 0
+        (warning,) = [r.getMessage() for r in caplog.records if "exceeds" in r.getMessage()]
+        assert "--teacher-cache" in warning and "--teacher-dtype" not in warning, reduced
+        caplog.clear()
     monkeypatch.setattr(estimate, "available_memory", lambda: 2**40)
     assert main(train_args(workspace, "large", "online")) == 0
     assert not [r for r in caplog.records if "exceeds" in r.getMessage()]

@@ -123,11 +123,13 @@ class Estimate:
         terms: every component in the peak.
         cache_disk: bytes of the teacher cache the run reads or builds (None: no cache).
         cache_how: how `cache_disk` was counted.
+        teacher_dtype: the online teacher's dtype as resolved ("fp32", "bf16" or "int8"; None: no online teacher).
     """
 
     terms: tuple[Term, ...]
     cache_disk: int | None = None
     cache_how: str = ""
+    teacher_dtype: str | None = None
 
     @property
     def peak(self) -> int:
@@ -247,7 +249,7 @@ def training_estimate(
         train.append(Term("cached top-k", top, f"ids and logprobs of a micro-batch, K={top_k}", "step"))
     # the final checkpoint: the serialized copy of the weights and AdamW state (gathered whole on rank 0)
     save = Term("checkpoint write", 3 * FLOAT * n, "serialized weights and AdamW state, whole", "checkpoint")
-    return Estimate(tuple(terms + train + [save]))
+    return Estimate(tuple(terms + train + [save]), teacher_dtype=teacher_dtype if teacher is not None else None)
 
 
 def _embedding_parameters(config: PretrainedConfig) -> int:
@@ -260,8 +262,7 @@ def exceeds_available(estimate: Estimate) -> str | None:
     available = available_memory()
     if not available or estimate.peak <= available:
         return None
-    weights = next((term.how for term in estimate.terms if term.name == "teacher weights"), "")
-    online = any(term.name == "teacher forward" for term in estimate.terms) and "int8" not in weights
+    online = estimate.teacher_dtype == "fp32"  # an online teacher that a reduced dtype would shrink
     return (
         f"the expected peak memory per process, {estimate.peak / MIB:,.0f} MiB, exceeds the {available / MIB:,.0f} "
         "MiB available: consider --teacher-cache instead of an online --teacher"

@@ -3,6 +3,7 @@ whose estimate exceeds the memory available (`lmdistill.estimate`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -46,7 +47,7 @@ def estimate_train(config: TrainConfig) -> Estimate:
     )
     if cached:
         disk = sum(path.stat().st_size for path in cache.iterdir() if path.is_file())
-        return Estimate(estimate.terms, disk, f"the files of {cache}")
+        return dataclasses.replace(estimate, cache_disk=disk, cache_how=f"the files of {cache}")
     return estimate
 
 
@@ -79,7 +80,9 @@ def estimate_study(config: StudyConfig) -> Estimate:
     if config.hidden_arms:
         hidden = len(layer_pairs(config.num_layers, adapter.shape(teacher).num_layers)) * config.hidden_size
         how += f", with hidden states {hidden // config.hidden_size} x {config.hidden_size} float16"
-    return Estimate(estimate.terms, cache_bytes(samples, config.seq_len, config.top_k, hidden), how)
+    return dataclasses.replace(
+        estimate, cache_disk=cache_bytes(samples, config.seq_len, config.top_k, hidden), cache_how=how
+    )
 
 
 def warn_if_too_big(estimate: Estimate) -> None:
