@@ -164,6 +164,10 @@ def test_arms_expand_per_task_and_runs_go_seed_by_seed():
     assert (extract.k, extract.order, extract.split) == (5, "score", "train")
     assert config.eval_config("svamp", model="m", out="e.json").split == "test"
     assert extract.teacher == config.teacher_of("svamp") == "default"
+    for precision in ("fp32", "bf16"):  # the saliency teacher runs in the study's precision, as its training does
+        fixed = RationaleStudyConfig(out="x", student="s", tasks=["svamp"], arms=["saliency"], precision=precision)
+        assert fixed.extract_config("svamp", out="k.jsonl").teacher_dtype == precision
+        assert fixed.train_config("svamp", "saliency-k5", 0, out="r", rationales="k5.jsonl").precision == precision
     config = RationaleStudyConfig(out="x", student="s", teacher="t", task_teachers=["cqa=runs/t=cqa"])
     assert (config.teacher_of("svamp"), config.teacher_of("cqa")) == ("t", "runs/t=cqa")
     assert config.extract_config("cqa", out="k.jsonl").teacher == "runs/t=cqa"

@@ -353,10 +353,12 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
 
     def extract_config(self, task: str, *, out: str) -> RationaleExtractConfig:
         """The extraction of a task's saliency rationales: the training examples, at the largest k, in score order
-        (so that the first k words of each record are its top-k rationale for every smaller k)."""
+        (so that the first k words of each record are its top-k rationale for every smaller k). The teacher runs in
+        the study's precision (auto, bf16 or fp32 are also teacher dtypes), as the study's training does."""
         return RationaleExtractConfig(
             **fields_of(self, Attribution, Answer),
             teacher=self.teacher_of(task),
+            teacher_dtype=self.precision,
             task=task,
             split="train",
             out=out,
