@@ -72,6 +72,7 @@ def config(ws: Path, out: str, **overrides) -> TrainConfig:
         lr=3e-3,
         warmup_steps=1,
         precision="fp32",
+        teacher_dtype="fp32",  # not auto, which is bf16 on CPUs with native bf16
         progress=False,
         eval_tokens=64,
         val_fraction=0.2,
