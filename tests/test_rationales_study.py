@@ -453,6 +453,25 @@ def test_a_fresh_machine_continues_from_the_committed_records(tiny_study, ws, tm
     assert results["tasks"]["svamp"]["arms"]["finetune"]["per_seed"][0]["accuracy"] == original["accuracy"]
 
 
+@pytest.mark.integration
+def test_a_study_resumed_with_auto_precision_keeps_its_records_precision(tiny_study, ws, tmp_path, monkeypatch):
+    monkeypatch.setattr("lmdistill.precision.fast_bf16", lambda device: True)  # this machine alone would pick bf16
+    auto = tmp_path / "study.yaml"
+    auto.write_text((ws / "study.yaml").read_text().replace("precision: fp32", "precision: auto"))
+    committed = tmp_path / "results"
+    committed.mkdir()
+    saved = (tiny_study / "study_config.yaml").read_text()
+    (committed / "study_config.yaml").write_text(saved.replace("precision: fp32", "precision: auto"))
+    shutil.copytree(tiny_study / "records", committed / "records")  # every record ran in fp32
+    missing = study_module.record_path(committed, "svamp", "finetune", 0)
+    original = json.loads(missing.read_text())
+    missing.unlink()
+    args = ["rationales", "study", "--config", str(auto), "--out", str(tmp_path / "fresh"), "--results", str(committed)]
+    assert main([*args, "--resume", "--no-progress"]) == 0
+    rebuilt = json.loads(missing.read_text())
+    assert rebuilt["precision"] == "fp32" and rebuilt["val_loss"] == original["val_loss"]
+
+
 def test_vs_finetune_pairs_seeds_and_test_examples_by_hand():
     def record(seed, correct):
         predictions = [{"id": i, "correct": c} for i, c in zip("abcd", correct, strict=True)]
