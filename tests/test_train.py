@@ -564,8 +564,8 @@ def test_train_cli_writes_every_artifact(workspace, capsys):
 def train_in_two_processes(ws: Path, out: str, *flags: str) -> None:
     """`lmdistill train` in 2 gloo processes with the settings of `config` but the batch size; `flags` override."""
     args = ["train", "--student", ws / "student", "--data", ws / "corpus", "--seq-len", 16, "--lr", 3e-3,
-            "--warmup-steps", 1, "--precision", "fp32", "--eval-tokens", 64, "--val-fraction", 0.2, "--no-progress",
-            "--out", ws / out, *flags]  # fmt: skip
+            "--warmup-steps", 1, "--precision", "fp32", "--teacher-dtype", "fp32", "--eval-tokens", 64,
+            "--val-fraction", 0.2, "--no-progress", "--out", ws / out, *flags]  # fmt: skip
     torchrun(*args)
 
 
