@@ -260,7 +260,7 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
 
     runs = config.runs()
     pending = [run for run in runs if not record_path(results, *run).is_file()]
-    finished = [_read(record_path(results, *run)) for run in runs if record_path(results, *run).is_file()]
+    finished = [record for run in runs if (record := _read(record_path(results, *run)))]
     config = keep_recorded_precision(config, [record["precision"] for record in finished if record["precision"]])
     for task in config.tasks:
         _teacher_accuracy(config, out, task)

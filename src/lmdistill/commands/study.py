@@ -317,8 +317,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     for directory in {out} if config.only else {out, results_path}:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "study_config.yaml").write_text(to_yaml(config))
-    finished = [record_path(results_path, *run) for run in config.runs() if record_path(results_path, *run).is_file()]
-    config = keep_recorded_precision(config, [json.loads(path.read_text())["precision"] for path in finished])
+    records = (record_path(results_path, *run) for run in config.runs())
+    config = keep_recorded_precision(config, [json.loads(p.read_text())["precision"] for p in records if p.is_file()])
     pending = _pending(config)
     if not pending and teacher_record_path(results_path).is_file():
         return write_results(config)
