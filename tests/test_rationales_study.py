@@ -453,6 +453,75 @@ def test_a_fresh_machine_continues_from_the_committed_records(tiny_study, ws, tm
     assert results["tasks"]["svamp"]["arms"]["finetune"]["per_seed"][0]["accuracy"] == original["accuracy"]
 
 
+def _committed(tiny_study: Path, root: Path) -> Path:
+    """What a repository keeps of the tiny study: its config, records and extraction, no run directories."""
+    committed = root / "results"
+    committed.mkdir()
+    shutil.copy(tiny_study / "study_config.yaml", committed)
+    for kept in ("records", "extraction"):
+        shutil.copytree(tiny_study / kept, committed / kept)
+    return committed
+
+
+@pytest.mark.integration
+def test_a_fresh_machine_continues_a_saliency_run_from_the_committed_extraction(tiny_study, ws, tmp_path, monkeypatch):
+    committed = _committed(tiny_study, tmp_path)
+    missing = study_module.record_path(committed, "cqa", "saliency-k1", 0)
+    original = json.loads(missing.read_text())
+    missing.unlink()
+
+    def no_teacher(name):
+        raise AssertionError(f"the teacher {name} was loaded: the committed extraction was not used")
+
+    monkeypatch.setattr("lmdistill.commands.rationales_extract.load_teacher", no_teacher)
+    fresh = tmp_path / "fresh"
+    args = ["rationales", "study", "--config", str(ws / "study.yaml"), "--out", str(fresh),
+            "--results", str(committed), "--no-progress", "--resume"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(missing.read_text())["predictions"] == original["predictions"]
+    for k in (1, 2):  # the extraction resumed from the copy, the smaller k its prefix, as on the first machine
+        assert rationale_file(fresh, "cqa", k).read_bytes() == rationale_file(tiny_study, "cqa", k).read_bytes()
+
+
+@pytest.mark.integration
+def test_workers_share_the_missing_runs_and_together_rebuild_them(tiny_study, ws, tmp_path, monkeypatch):
+    committed = _committed(tiny_study, tmp_path)
+    runs = RationaleStudyConfig(**{**yaml.safe_load((ws / "study.yaml").read_text()), "out": "x"}).runs()
+    lost = [("svamp", "finetune", 0), ("svamp", "saliency-k1", 0), ("cqa", "finetune", 0)]
+    originals = {}
+    for run in lost:
+        originals[run] = json.loads(study_module.record_path(committed, *run).read_text())
+        study_module.record_path(committed, *run).unlink()
+    trained = []
+    real = study_module.run_rationale_train
+    run_of = lambda c: (c.task, Path(c.out).parent.name, c.seed)  # noqa: E731
+    monkeypatch.setattr(study_module, "run_rationale_train", lambda c: trained.append(run_of(c)) or real(c))
+    mine = {}
+    for worker in (0, 1):
+        args = ["rationales", "study", "--config", ws / "study.yaml", "--out", tmp_path / f"w{worker}",
+                "--results", committed, "--no-progress", "--resume", "--workers", 2, "--worker", worker]  # fmt: skip
+        assert main(list(map(str, args))) == 0
+        mine[worker] = trained[:]
+        trained.clear()
+        finished = json.loads((committed / "results.json").read_text())["runs_finished"]
+        assert finished == len(runs) - len(lost) + len(mine[0]) + (len(mine[1]) if worker else 0)
+    # each worker trained the lost runs at its places in the study's order, and none twice
+    for worker in (0, 1):
+        assert mine[worker] == [run for run in lost if runs.index(run) % 2 == worker]
+    assert finished == len(runs)
+    for run in lost:
+        rebuilt = json.loads(study_module.record_path(committed, *run).read_text())
+        assert rebuilt["predictions"] == originals[run]["predictions"]
+
+
+def test_a_worker_outside_the_workers_is_refused():
+    with pytest.raises(LmdistillError, match=r"--worker must be in \[0, 1\] \(--workers 2\), got 2"):
+        RationaleStudyConfig(out="x", student="s", workers=2, worker=2)
+    with pytest.raises(LmdistillError, match="--workers must be at least 1"):
+        RationaleStudyConfig(out="x", student="s", workers=0)
+    assert RationaleStudyConfig(out="x", student="s", workers=3, worker=1).assigned(list(range(8))) == [1, 4, 7]
+
+
 @pytest.mark.integration
 def test_a_study_resumed_with_auto_precision_keeps_its_records_precision(tiny_study, ws, tmp_path, monkeypatch):
     monkeypatch.setattr("lmdistill.precision.fast_bf16", lambda device: True)  # this machine alone would pick bf16

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmdistill.commands.study_report import device_text, plus_minus, precision_text  # noqa: E402
+from lmdistill.commands.study_report import device_text, machines_text, plus_minus, precision_text  # noqa: E402
 from lmdistill.config import RATIONALE_STUDY_ARMS, RationaleStudyConfig  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic", "esnli": "e-SNLI"}
@@ -125,7 +125,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"with multiple choice, greedy answers of at most {config['max_new_tokens']} tokens otherwise, SVAMP "
         "equations evaluated), the teacher's with the same prompts and code, in fp32; ± is the sample standard "
         "deviation over seeds (none with one seed). "
-        f"Ran on {device}, training {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
+        f"Ran on {device} [{machines_text(results['machines'])}], "
+        f"training {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
         f"(commit {commit})."
     )
     if results["runs_finished"] < results["runs_planned"]:

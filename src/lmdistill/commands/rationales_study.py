@@ -32,13 +32,16 @@ and of its results directory (`--results`, default `--out`), the part to keep (c
     records/<task>/teacher_eval.json             the teacher's evaluation
     records/<task>/rationale_words.json          what the saliency rationales' words are (shares, count, accuracy)
     records/<task>/<arm>/seed-<S>.json           one record per finished run: its evaluation with every prediction,
-                                                 its held-out label loss, time and precision
+                                                 its held-out label loss, time, precision and CPU
+    extraction/<task>/rationales-k<K>.jsonl      a copy of the saliency extraction (+ .config.yaml), which --resume
+                                                 continues instead of extracting again
     results.json, report.md, accuracy_vs_k.png   built from the records alone
 
 A run with a record is finished, so `--resume` on any machine trains only the runs without one; the teacher's
-evaluation and the extraction (itself resumable) are redone only when a missing record needs them; an interrupted
-run continues from its latest checkpoint. Tasks, arms, k values and seeds may be added on resume; settings that shape
-results may not change.
+evaluation is redone only when its record is missing, and the extraction continues from the results' copy; an
+interrupted run continues from its latest checkpoint. Processes (or machines) with their own --out and the same
+--results share the runs by --workers/--worker. Tasks, arms, k values and seeds may be added on resume; settings that
+shape results may not change.
 
 Launch: `lmdistill rationales study --config configs/rationales-svamp-cqa.yaml`.
 """
@@ -62,6 +65,7 @@ from lmdistill.commands.rationales_extract import IG_SETTINGS, run_extract
 from lmdistill.commands.rationales_report import write_plot, write_report
 from lmdistill.commands.rationales_train import run_rationale_train
 from lmdistill.commands.study import check_resumable, keep_recorded_precision, results_dir, write_json
+from lmdistill.commands.study_results import machines_of
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
 from lmdistill.provenance import combined_precision, environment
@@ -102,6 +106,18 @@ def arm_rationales(config: RationaleStudyConfig, out: Path, task: str, arm: str)
     """The rationale file a run of ``arm`` trains on: its saliency or random file; None for the other arms."""
     k, kind = config.arm_k(arm), config.arm_kind(arm)
     return None if k is None else (rationale_file if kind == "saliency" else random_file)(out, task, k)
+
+
+def kept_extraction(results: Path, task: str, k: int) -> Path:
+    """The copy of a task's saliency extraction in the results directory, from which --resume continues."""
+    return results / "extraction" / task / f"rationales-k{k}.jsonl"
+
+
+def _copy_records(source: Path, target: Path) -> None:
+    """Copy a records file and the settings file beside it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".config.yaml"):
+        shutil.copyfile(f"{source}{suffix}", f"{target}{suffix}")
 
 
 def run_dir(out: Path, task: str, arm: str, seed: int) -> Path:
@@ -177,9 +193,13 @@ def _saliency_rationales(
     needed = any(t == task and config.saliency_k(arm) for t, arm, _ in pending)
     if not needed and all(str(k) in recorded for k in ks):
         return
-    source = rationale_file(out, task, ks[-1])
+    source, kept = rationale_file(out, task, ks[-1]), kept_extraction(results_dir(config), task, ks[-1])
     source.parent.mkdir(parents=True, exist_ok=True)
+    if len(read_records(kept)) > len(read_records(source)):
+        _copy_records(kept, source)  # an extraction committed from another machine: resumed, not redone
     summary = run_extract(config.extract_config(task, out=str(source)))
+    if summary["total"] > len(read_records(kept)):
+        _copy_records(source, kept)
     log.info("task %s: %d saliency rationales at k = %d in %s", task, summary["total"], ks[-1], source)
     for k in ks[:-1]:
         target = rationale_file(out, task, k)
@@ -234,6 +254,7 @@ def _finish_run(config: RationaleStudyConfig, out: Path, task: str, arm: str, se
         seconds=summary.get("seconds"),
         precision=env.get("precision"),
         precision_reason=env.get("precision_reason"),
+        cpu=env.get("cpu"),
     )
     write_json(record_path(results_dir(config), task, arm, seed), record)
 
@@ -258,7 +279,7 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
         (directory / "study_config.yaml").write_text(to_yaml(config))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
-    runs = config.runs()
+    runs = config.assigned(config.runs())
     pending = [run for run in runs if not record_path(results, *run).is_file()]
     finished = [record for run in runs if (record := _read(record_path(results, *run)))]
     config = keep_recorded_precision(config, [record["precision"] for record in finished if record["precision"]])
@@ -280,7 +301,7 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
         write_results(config, partial=True)
         overall.update(1)
     overall.close()
-    return write_results(config)
+    return write_results(config, partial=config.workers > 1)  # the other workers' runs may not have finished
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -444,6 +465,7 @@ def collect_results(config: RationaleStudyConfig, results: Path, *, partial: boo
         "tasks": tasks,
         "runs_finished": finished,
         "runs_planned": len(config.runs()),
+        "machines": machines_of(r for r in recorded if r),
         "config": vars(config),
         "environment": environment(precision),
     }

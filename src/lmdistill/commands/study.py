@@ -75,7 +75,7 @@ def results_dir(config: Any) -> Path:
 
 
 # Settings that never change a study's results: how it is launched, where it is written.
-LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out", "dry_run", "results", "only")
+LAUNCH_SETTINGS = ("resume", "report_only", "progress", "out", "dry_run", "results", "only", "workers", "worker")
 
 
 def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
@@ -286,16 +286,19 @@ def write_results(config: StudyConfig, *, partial: bool = False) -> dict[str, An
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write a record as indented UTF-8 JSON, creating its directory."""
+    """Write a record as indented UTF-8 JSON, creating its directory; atomically, so that a crash or another process
+    reading it never sees half a record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    partial.replace(path)
 
 
 def _pending(config: StudyConfig) -> list[Run]:
-    """The runs to train: --only's, else those without a record."""
+    """The runs to train: --only's, else this worker's runs without a record."""
     if config.only:
         return [run for run in config.runs() if run_name(*run) in config.only]
-    return [run for run in config.runs() if not record_path(results_dir(config), *run).is_file()]
+    return [run for run in config.assigned(config.runs()) if not record_path(results_dir(config), *run).is_file()]
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
@@ -321,7 +324,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     config = keep_recorded_precision(config, [json.loads(p.read_text())["precision"] for p in records if p.is_file()])
     pending = _pending(config)
     if not pending and teacher_record_path(results_path).is_file():
-        return write_results(config)
+        return write_results(config, partial=config.workers > 1)
     teacher = _Teacher(config)
     # the precision of the study's own forward passes (teacher scoring, step-0 losses; the cache's teacher runs in
     # fp32); runs record theirs
@@ -333,7 +336,9 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         write_json(teacher_record_path(results_path), _teacher_record(config, teacher.get(), scoring))
     _prepare_students(config, out, pending, scoring)
     summaries = _train_runs(config, pending, teacher, data, scoring)
-    return {"runs": summaries, "written_to": str(out)} if config.only else write_results(config)
+    if config.only:
+        return {"runs": summaries, "written_to": str(out)}
+    return write_results(config, partial=config.workers > 1)  # the other workers' runs may not have finished
 
 
 def _train_runs(

@@ -153,6 +153,11 @@ def extension_table(results: dict[str, Any]) -> str | None:
     return "\n".join([head, "|---|---|---|---|---|---|", *rows])
 
 
+def machines_text(machines: list[dict[str, Any]]) -> str:
+    """The CPUs of a study's runs with their speed flags (`study_results.machines_of`), for the setup paragraph."""
+    return "; ".join(f"{m['model']} ({', '.join(m['flags']) or 'no AVX2'})" for m in machines)
+
+
 def device_text(env: dict[str, Any]) -> str:
     """The device of a results' environment as a phrase: its GPU, else the CPU and torch's thread count."""
     threads = env["cpu_threads"]
@@ -189,7 +194,6 @@ def _setup_text(results: dict[str, Any]) -> str:
     budgets = ", ".join(f"{b['train_tokens_per_run']:,} ({b['max_steps']} steps)" for b in setup["budgets"].values())
     weights = ", ".join(f"{source} {100 * w:.1f} %" for source, w in results["scoring"]["mixture_weights"].items())
     tokens = ", ".join(f"{source} {n:,}" for source, n in results["scoring"]["score_tokens"].items())
-    cpus = "; ".join(f"{m['model']} ({', '.join(m['flags']) or 'no AVX2'})" for m in results["machines"] if m)
     commit = (env["git"]["commit"] or "unknown")[:10]
     return (
         f"**Setup.** Teacher: {teacher['name']}, {teacher['parameters'] / 1e6:.1f}M parameters. Student: the teacher's "
@@ -208,7 +212,8 @@ def _setup_text(results: dict[str, Any]) -> str:
         "comes first: the perplexity form is dominated by `random`'s large perplexity. `tokens random needs` is how "
         "many times the budget `random` needs to reach the arm's mixture loss, interpolated in log-tokens between "
         "`random`'s final losses at the budgets. Spreads are standard deviations over seeds (none with one seed). "
-        f"Ran on {device} [{cpus}], {precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
+        f"Ran on {device} [{machines_text(results['machines'])}], "
+        f"{precision_text(env)}, torch {env['torch']}, lmdistill {env['lmdistill']} "
         f"(commit {commit}); {results['timing']['run_seconds'] / 3600:.1f} h of training in all."
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,15 @@ def _add_extension_comparisons(budgets: dict[str, dict[str, Any]]) -> None:
             arm["vs_extended"] = comparison
 
 
+def machines_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CPUs that the runs of ``records`` ran on, each once, in the records' order (records without one skipped)."""
+    machines: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("cpu") and record["cpu"] not in machines:
+            machines.append(record["cpu"])
+    return machines
+
+
 def collect_results(config: StudyConfig, results: Path, *, partial: bool = False) -> dict[str, Any]:
     """Gather the records of the finished runs into the results (see the README's study section for the keys).
 
@@ -156,10 +166,6 @@ def collect_results(config: StudyConfig, results: Path, *, partial: bool = False
     first = next(iter(records.values()))
     steps = {str(b): config.steps(b) for b in sorted(config.train_tokens)}
     largest = list(budgets)[-1]
-    machines: list[dict[str, Any]] = []  # the CPUs the runs ran on
-    for record in records.values():
-        if record["cpu"] not in machines:
-            machines.append(record["cpu"])
     precision = combined_precision((r["precision"], r["precision_reason"]) for r in records.values())
     return {
         "teacher": teacher,
@@ -184,7 +190,7 @@ def collect_results(config: StudyConfig, results: Path, *, partial: bool = False
             },
             "teacher_scoring_seconds": teacher["seconds"],
         },
-        "machines": machines,
+        "machines": machines_of(records.values()),
         "config": vars(config),
         "environment": environment(precision),
     }

@@ -8,7 +8,7 @@ to validate theirs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lmdistill.config.schema import check_ranges
 from lmdistill.errors import LmdistillError
@@ -47,6 +47,25 @@ class StudyRun:
             "--resume, runs recorded there are not trained again, on any machine"
         },
     )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "processes that share the study's runs, each with its own --out and the same --results: this one "
+            "trains the runs whose place in the study's order, modulo WORKERS, is --worker"
+        },
+    )
+    worker: int = field(default=0, metadata={"help": "which of the --workers processes this is: 0 to WORKERS - 1"})
+
+    def check_workers(self) -> None:
+        """Refuse a --worker outside 0 to --workers - 1."""
+        check_ranges(self, ["workers"], 1)
+        if not 0 <= self.worker < self.workers:
+            last = self.workers - 1
+            raise LmdistillError(f"--worker must be in [0, {last}] (--workers {self.workers}), got {self.worker}")
+
+    def assigned(self, runs: list[Any]) -> list[Any]:
+        """This worker's share of ``runs`` (the study's whole run order): every --workers-th from place --worker."""
+        return runs[self.worker :: self.workers]
 
 
 @dataclass

@@ -291,6 +291,7 @@ class RationaleStudyConfig(StudyRun, Attribution, Answer, RationaleTraining):
             if (kind in self.arms and not ks) or (ks and min(ks) < 1) or len(set(ks)) < len(ks):
                 raise LmdistillError(f"--{kind}-ks must be distinct positive word counts, got {ks}")
         check_seeds(self, ["seeds"])
+        self.check_workers()
         check_ranges(self, ["random_seed"], 0)
         check_ranges(self, ["train_limit", "test_limit"], 1)
         lacking = [task for task in self.tasks if self.eval_split not in task_splits(task)]

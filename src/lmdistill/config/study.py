@@ -131,6 +131,7 @@ class StudyConfig(DryRun, StudyRun, Autocast, Optimizer, Distillation, Corpus):
         if overlap or len(set(self.arms)) < len(self.arms) or len(set(self.ablations)) < len(self.ablations):
             raise LmdistillError(f"every arm may appear once in --arms and --ablations together; repeated: {overlap}")
         check_seeds(self, ["seeds", "ablation_seeds"])
+        self.check_workers()
         check_ranges(self, [*STUDY_SHAPE, "batch_size", "top_k", "eval_points", "eval_tokens", "final_eval_tokens"], 1)
         if not self.train_tokens or min(self.train_tokens) < 1 or len(set(self.train_tokens)) < len(self.train_tokens):
             raise LmdistillError(f"--train-tokens takes distinct positive budgets, got {self.train_tokens}")
