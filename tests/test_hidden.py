@@ -287,10 +287,10 @@ def test_the_guide_hkd_arm_extends_guide_kd_and_its_study_cache_gains_the_hidden
     teacher = load_teacher(str(workspace / "teacher"))
     data = prepare_data([str(workspace / "corpus")], teacher.tokenizer, 16, val_fraction=0.2, progress=False)
     loader = study_command._Teacher(plain)
-    path = study_command._build_teacher_cache(plain, Path(plain.out), loader, data, 256)
+    path = study_command._teacher_cache(plain, Path(plain.out), loader, data, 256, wait=True)
     before = load_file(path / "shard-000000.safetensors")
     assert "hidden" not in json.loads((path / "manifest.json").read_text())
-    study_command._build_teacher_cache(with_hkd, Path(plain.out), loader, data, 256)  # an hkd arm joined: rebuilt
+    study_command._teacher_cache(with_hkd, Path(plain.out), loader, data, 256, wait=True)  # an hkd arm: rebuilt
     after = load_file(path / "shard-000000.safetensors")
     assert json.loads((path / "manifest.json").read_text())["hidden"]["width"] == 16
     assert all(torch.equal(before[name], after[name]) for name in before) and "hidden" in after

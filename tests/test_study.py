@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 from conftest import lmdistill_cache, save_tiny_teacher, write_corpus
 
 from lmdistill.cli import main
+from lmdistill.commands import study as study_module
 from lmdistill.commands.study import run_dir, student_dir, write_results
 from lmdistill.commands.study_report import device_text, headline_table
 from lmdistill.commands.study_results import collect_results, record_path, teacher_record_path
@@ -142,6 +145,67 @@ def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_
     weights = run_dir(rebuild, 256, "guide+kd", 0) / "final" / "model.safetensors"
     assert sha256_file(weights) == json.loads(record_path(out, 256, "guide+kd", 0).read_text())["weights_sha256"]
     assert not (rebuild / "records").exists() and not (rebuild / "results.json").exists()
+
+
+@pytest.mark.integration
+def test_two_workers_share_the_missing_runs_by_their_place_in_the_study(study, tmp_path):
+    out, config_file, _ = study
+    committed = tmp_path / "results"
+    committed.mkdir()
+    shutil.copy(out / "study_config.yaml", committed)
+    shutil.copytree(out / "records", committed / "records")
+    order = [f"{b}/{a}/seed-{s}" for b, a, s in StudyConfig(**load_yaml(config_file, StudyConfig), out="x").runs()]
+    lost = ["256/guide+kd/seed-0", "256/guide-random-projection/seed-0"]  # places 1 and 2 of the study's order
+    originals = {}
+    for name in lost:
+        budget, arm, seed = name.split("/")
+        originals[name] = json.loads(record_path(committed, int(budget), arm, int(seed[5:])).read_text())
+        record_path(committed, int(budget), arm, int(seed[5:])).unlink()
+    for worker in (0, 1):
+        fresh = tmp_path / f"worker-{worker}"
+        args = ["study", "--config", config_file, "--out", fresh, "--results", committed, "--no-progress", "--resume",
+                "--workers", 2, "--worker", worker]  # fmt: skip
+        assert main([str(a) for a in args]) == 0
+        trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+        assert trained == [name for name in lost if order.index(name) % 2 == worker]
+    for name in lost:
+        budget, arm, seed = name.split("/")
+        rebuilt = json.loads(record_path(committed, int(budget), arm, int(seed[5:])).read_text())
+        assert rebuilt["weights_sha256"] == originals[name]["weights_sha256"]
+    assert json.loads((committed / "results.json").read_text())["runs_finished"] == 5
+
+
+@pytest.mark.integration
+def test_a_worker_trains_runs_without_a_cache_while_another_builds_it(study, tmp_path, monkeypatch):
+    """Workers sharing --out build a budget's teacher cache once: while another holds its lock, a kd run waits behind
+    the runs that need no cache, and runs once the lock is free."""
+    out, config_file, _ = study
+    committed = tmp_path / "results"
+    committed.mkdir()
+    shutil.copy(out / "study_config.yaml", committed)
+    shutil.copytree(out / "records", committed / "records")
+    for arm in ("guide+kd", "guide-random-projection"):  # places 1 (kd, reads the cache) and 2 (cross-entropy)
+        record_path(committed, 256, arm, 0).unlink()
+    fresh = tmp_path / "fresh"
+    (fresh / "locks").mkdir(parents=True)
+    other_worker = (fresh / "locks" / "teacher-cache-256").open("a")  # another worker, building the cache
+    fcntl.flock(other_worker, fcntl.LOCK_EX)
+    release = threading.Timer(60, other_worker.close)  # a study that waits at once fails below instead of hanging
+    release.start()
+    trained = []
+
+    def train(config, **kwargs):
+        trained.append(Path(config.out).relative_to(fresh / "runs").as_posix())
+        if config.teacher_cache is None:
+            other_worker.close()  # its cache is done: the lock is free
+        return run_train(config, **kwargs)
+
+    monkeypatch.setattr(study_module, "run_train", train)
+    args = ["study", "--config", config_file, "--out", fresh, "--results", committed, "--no-progress", "--resume"]
+    assert main([str(a) for a in args]) == 0
+    release.cancel()
+    assert trained == ["256/guide-random-projection/seed-0", "256/guide+kd/seed-0"]
+    assert json.loads((committed / "results.json").read_text())["runs_finished"] == 5
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -65,6 +66,28 @@ def staged(target: Path, *, directory: bool = True, keep_existing: bool = False)
             shutil.rmtree(staging, ignore_errors=True)
         elif staging.exists():
             staging.unlink()
+
+
+@contextmanager
+def exclusive(lock: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``lock`` (created if missing) for the block, so that processes sharing a
+    directory build something in it once: the others wait, then find it built.
+
+    Args:
+        lock: the lock file.
+        wait: wait for another holder to finish; else yield False at once while another process holds it.
+
+    Yields:
+        Whether this process holds the lock.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:  # closing the file releases the lock, also when the process dies
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
 
 
 def remove_staging_leftovers(directory: Path) -> list[Path]:

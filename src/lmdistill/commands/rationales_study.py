@@ -210,8 +210,8 @@ def _saliency_rationales(
 
 def _random_rationales(config: RationaleStudyConfig, out: Path, task: str, pending: list[tuple[str, str, int]]) -> None:
     """Write the random-k rationale files that pending runs need (each k drawn directly: the draws are cheap)."""
-    ks = [config.arm_k(arm) for t, arm, _ in pending if t == task and config.arm_kind(arm) == "random"]
-    missing = [k for k in ks if k is not None and not random_file(out, task, k).is_file()]
+    ks = {config.arm_k(arm) for t, arm, _ in pending if t == task and config.arm_kind(arm) == "random"}
+    missing = sorted(k for k in ks if k is not None and not random_file(out, task, k).is_file())
     if not missing:
         return
     examples = load_task(task, "train", size=config.size, seed=config.data_seed, limit=config.train_limit)

@@ -7,6 +7,8 @@ Layout of a study directory (`--out`):
     teacher-cache/<TOKENS>/                top-k teacher distributions of the blocks a budget's runs read (kd arms)
     students/<init>-<pca>-seed<S>/         initialized students, shared by arms that start alike and by budgets
     runs/<TOKENS>/<arm>/seed-<S>/          one `lmdistill train` run directory per budget, arm and seed
+    locks/                                 the locks under which workers sharing the directory build a student or a
+                                           budget's teacher cache once
 
 and of its results directory (`--results`, default `--out`), the part to keep (commit it):
 
@@ -17,7 +19,9 @@ and of its results directory (`--results`, default `--out`), the part to keep (c
 
 A run with a record is finished: `--resume` trains only the runs without one, on any machine (a fresh one starts
 from the committed results directory), continuing an interrupted run from its latest checkpoint. The results are
-built from the records alone.
+built from the records alone. Processes with the same --results share the runs by --workers/--worker; on one
+machine they may share --out too, so that each teacher cache is built once, by the first worker whose kd run needs
+it, while the others train the runs that need none.
 
 Launch: `lmdistill study --config configs/study-budgets.yaml` or `lmdistill demo`.
 """
@@ -48,7 +52,7 @@ from lmdistill.hidden import HiddenSpec
 from lmdistill.models.load import load_hf_directory, load_teacher
 from lmdistill.precision import resolve_precision, study_precision
 from lmdistill.provenance import environment
-from lmdistill.storage import sha256_file
+from lmdistill.storage import exclusive, sha256_file, staged
 from lmdistill.teacher_cache import INCOMPLETE, write_cache
 from lmdistill.train.checkpoint import latest_checkpoint
 from lmdistill.train.loop import run_train
@@ -171,15 +175,17 @@ def _teacher_record(config: StudyConfig, teacher: Any, scoring: _Scoring) -> dic
 
 
 def _prepare_students(config: StudyConfig, out: Path, runs: list[Run], scoring: _Scoring) -> None:
-    """Initialize every distinct student of ``runs`` once and add its step-0 loss on the curve's blocks."""
+    """Initialize every distinct student of ``runs`` once and add its step-0 loss on the curve's blocks (one worker
+    of several sharing --out builds each, the others wait for it)."""
     for path, (arm_name, seed) in {student_dir(out, STUDY_ARMS[a], s): (a, s) for _, a, s in runs}.items():
-        if not (path / "init_report.json").is_file():
-            run_init(config.init_config(STUDY_ARMS[arm_name], seed, str(path)))
-        report = json.loads((path / "init_report.json").read_text())
-        if "step0_val_loss" not in report:
-            student, _, _ = load_hf_directory(path, torch.float32)
-            report["step0_val_loss"] = scoring.loss(student)
-            (path / "init_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        with exclusive(out / "locks" / f"student-{path.name}"):
+            if not (path / "init_report.json").is_file():
+                run_init(config.init_config(STUDY_ARMS[arm_name], seed, str(path)))
+            report = json.loads((path / "init_report.json").read_text())
+            if "step0_val_loss" not in report:
+                student, _, _ = load_hf_directory(path, torch.float32)
+                report["step0_val_loss"] = scoring.loss(student)
+                (path / "init_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 class _Teacher:
@@ -197,11 +203,20 @@ class _Teacher:
         self.loaded = None
 
 
-def _build_teacher_cache(config: StudyConfig, out: Path, loader: _Teacher, data: PackedData, budget: int) -> Path:
-    """The teacher cache of a budget's runs: exactly the blocks they read, the same on every machine; with hkd arms
-    also the hidden states of the study's student shape (a cache built without them is built again, with the same
-    top-k)."""
+def _teacher_cache(
+    config: StudyConfig, out: Path, loader: _Teacher, data: PackedData, budget: int, *, wait: bool
+) -> Path | None:
+    """The teacher cache of a budget's runs, built once by one of the workers sharing --out; None, without
+    ``wait``, while another worker builds it."""
     path = out / "teacher-cache" / str(budget)
+    with exclusive(out / "locks" / f"teacher-cache-{budget}", wait=wait) as held:
+        return _build_teacher_cache(config, path, loader, data, budget) if held else None
+
+
+def _build_teacher_cache(config: StudyConfig, path: Path, loader: _Teacher, data: PackedData, budget: int) -> Path:
+    """The teacher cache of a budget's runs in ``path``: exactly the blocks they read, the same on every machine;
+    with hkd arms also the hidden states of the study's student shape (a cache built without them is built again,
+    with the same top-k)."""
     hidden = HiddenSpec(config.hidden_size, config.num_layers) if config.hidden_arms else None
     rebuild = hidden is not None and _built_without_hidden(path)
     if rebuild:
@@ -286,12 +301,10 @@ def write_results(config: StudyConfig, *, partial: bool = False) -> dict[str, An
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write a record as indented UTF-8 JSON, creating its directory; atomically, so that a crash or another process
+    """Write a record as indented UTF-8 JSON, creating its directory; atomically, so that a crash or another worker
     reading it never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    partial.replace(path)
+    with staged(path, directory=False) as partial:
+        partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _pending(config: StudyConfig) -> list[Run]:
@@ -357,12 +370,21 @@ def _train_runs(
         disable=not config.progress,
     )
     summaries = {}
-    for i, run in enumerate(pending, start=1):
+    queue = list(pending)
+    while queue:
+        run = queue.pop(0)
         budget, arm_name, seed = run
-        overall.set_description(f"study: run {i}/{len(pending)} {run_name(*run)}")
         arm = STUDY_ARMS[arm_name]
-        cache = _build_teacher_cache(config, out, teacher, data, budget) if arm.loss != "ce" else None
+        cache = None
+        if arm.loss != "ce":
+            # while another worker builds this budget's cache, train the runs that need none first
+            waiting_helps = any(STUDY_ARMS[a].loss == "ce" for _, a, _ in queue)
+            cache = _teacher_cache(config, out, teacher, data, budget, wait=not waiting_helps)
+            if cache is None:
+                queue.append(run)
+                continue
         teacher.drop()
+        overall.set_description(f"study: run {len(summaries) + 1}/{len(pending)} {run_name(*run)}")
         directory = run_dir(out, *run)
         train_config = config.train_config(
             arm,
