@@ -541,24 +541,26 @@ def test_a_study_resumed_with_auto_precision_keeps_its_records_precision(tiny_st
     assert rebuilt["precision"] == "fp32" and rebuilt["val_loss"] == original["val_loss"]
 
 
-def test_vs_finetune_pairs_seeds_and_test_examples_by_hand():
+def test_paired_comparison_pairs_seeds_and_test_examples_by_hand():
     def record(seed, correct):
         predictions = [{"id": i, "correct": c} for i, c in zip("abcd", correct, strict=True)]
         return {"seed": seed, "accuracy": sum(correct) / 4, "predictions": predictions}
 
     finetune = [record(0, [1, 0, 0, 1]), record(1, [1, 1, 0, 0])]
     arm = [record(1, [1, 1, 1, 1]), record(0, [1, 1, 0, 1]), record(2, [0, 0, 0, 0])]  # seed 2: no pair
-    c = study_module.vs_finetune(finetune, arm)
+    c = study_module.paired_comparison(finetune, arm)
     assert c["seeds"] == [1, 0]
     # per example, the difference averaged over the two seeds: a 0, b (0 + 1) / 2, c (1 + 0) / 2, d (1 + 0) / 2
     assert c["difference"] == pytest.approx(0.375) and 0 <= c["low"] <= 0.375 <= c["high"] <= 0.5
-    assert [(r["seed"], r["difference"], r["only_finetune"], r["only_arm"]) for r in c["per_seed"]] == [
+    assert [(r["seed"], r["difference"], r["only_baseline"], r["only_arm"]) for r in c["per_seed"]] == [
         (1, 0.5, 0, 2), (0, 0.25, 0, 1)]  # fmt: skip
     assert [r["mcnemar_p"] for r in c["per_seed"]] == [pytest.approx(0.5), 1.0]  # 2 * P(X <= 0), X ~ B(2, 1/2)
     assert c["effect"] == (c["low"] > 0)
-    assert study_module.vs_finetune(finetune, [record(5, [1, 1, 1, 1])]) is None
-    with pytest.raises(LmdistillError, match="other examples than finetune's"):
-        study_module.vs_finetune(finetune, [{**record(0, [1, 1, 1, 1]), "predictions": [{"id": "z", "correct": 1}]}])
+    assert study_module.paired_comparison(finetune, [record(5, [1, 1, 1, 1])]) is None
+    with pytest.raises(LmdistillError, match="other examples than the runs compared"):
+        study_module.paired_comparison(
+            finetune, [{**record(0, [1, 1, 1, 1]), "predictions": [{"id": "z", "correct": 1}]}]
+        )
 
 
 def cli_error(capsys, *args) -> str:
@@ -682,6 +684,12 @@ def test_a_tiny_esnli_study_with_random_and_gold_arms(ws, tmp_path, monkeypatch)
         assert manifest["rationales"] == (str(rationales) if rationales else None) and manifest["split"] == "train"
         assert manifest["train_with_rationale"] == manifest["train_examples"]
     assert set(result["rationale_word_share"]) == set(result["rationale_word_share_any_choice"]) == {"3"}
+    # saliency-k3 against the control of its k, random-k3 (random-k1 has no saliency arm of its k)
+    assert [name for name, arm in result["arms"].items() if "vs_random" in arm] == ["saliency-k3"]
+    (against_random,) = result["arms"]["saliency-k3"]["vs_random"]["per_seed"]
+    accuracies = {name: arm["accuracy_mean"] for name, arm in result["arms"].items()}
+    assert against_random["difference"] == accuracies["saliency-k3"] - accuracies["random-k3"]
     report = (out / "report.md").read_text()
+    assert "| arm | vs random-k (points) |" in report and report.count("| arm | vs finetune (points) |") == 1
     assert "## e-SNLI" in report and "| `random-k1` | 1 of the same candidate words drawn at random | 1 |" in report
     assert "`random-k` arms: k of the same candidate words drawn at random (seed 4" in report

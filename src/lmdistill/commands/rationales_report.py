@@ -17,6 +17,15 @@ from lmdistill.commands.study_report import device_text, machines_text, plus_min
 from lmdistill.config import RATIONALE_STUDY_ARMS, RationaleStudyConfig  # noqa: E402
 
 TASK_NAMES = {"svamp": "SVAMP", "cqa": "CommonsenseQA (CQA)", "gsm-symbolic": "gsm-symbolic", "esnli": "e-SNLI"}
+# the report's paired comparisons: results key, baseline in the table header, sentence before the table
+COMPARISONS = (
+    ("vs_finetune", "finetune", "Against `finetune`"),
+    (
+        "vs_random",
+        "random-k",
+        "Each `saliency-k` arm against `random-k` of the same k (the teacher's ranking against chance)",
+    ),
+)
 
 
 def _describe(name: str, arm: dict[str, Any]) -> str:
@@ -49,12 +58,13 @@ def task_table(task: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def vs_finetune_table(task: dict[str, Any]) -> str | None:
-    """Every arm against `finetune`, paired: the accuracy difference (points; mean over the shared seeds) with its 95 %
+def comparison_table(task: dict[str, Any], key: str, baseline: str) -> str | None:
+    """Every arm holding the paired comparison ``key`` (``vs_finetune``, ``vs_random``) against its baseline, named
+    ``baseline`` in the header: the accuracy difference (points; mean over the shared seeds) with its 95 %
     paired-bootstrap interval over test examples, each seed's difference and McNemar p; None without comparisons."""
     rows = []
     for name, arm in task["arms"].items():
-        c = arm.get("vs_finetune")
+        c = arm.get(key)
         if not c:
             continue
         seeds = ", ".join(f"{100 * r['difference']:+.1f} (p = {r['mcnemar_p']:.2g})" for r in c["per_seed"])
@@ -65,7 +75,7 @@ def vs_finetune_table(task: dict[str, Any]) -> str | None:
         )
     if not rows:
         return None
-    head = "| arm | vs finetune (points) | 95 % interval | per seed (McNemar p) | reading |"
+    head = f"| arm | vs {baseline} (points) | 95 % interval | per seed (McNemar p) | reading |"
     return "\n".join([head, "|---|---|---|---|---|", *rows])
 
 
@@ -138,12 +148,13 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     for name, task in results["tasks"].items():
         sections.append(f"## {TASK_NAMES.get(name, name)}")
         sections.append(task_table(task))
-        comparison = vs_finetune_table(task)
-        if comparison:
-            sections += [
-                "Against `finetune`, paired by seed and test example (an effect only where the interval excludes 0):",
-                comparison,
-            ]
+        for key, baseline, against in COMPARISONS:
+            comparison = comparison_table(task, key, baseline)
+            if comparison:
+                sections += [
+                    f"{against}, paired by seed and test example (an effect only where the interval excludes 0):",
+                    comparison,
+                ]
         line = word_share_line(task)
         if line:
             sections.append(line)

@@ -356,25 +356,27 @@ def _correctness(records: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
     for record in records:
         correct = {p["id"]: bool(p["correct"]) for p in record["predictions"]}
         if set(correct) != set(ids):
-            raise LmdistillError(f"the runs of seed {record['seed']} were evaluated on other examples than finetune's")
+            raise LmdistillError(
+                f"the runs of seed {record['seed']} were evaluated on other examples than the runs compared"
+            )
         rows.append([correct[i] for i in ids])
     return np.array(rows, dtype=bool)
 
 
-def vs_finetune(finetune: list[dict[str, Any]], arm: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """An arm against `finetune`, paired by seed and test example: each seed's accuracy difference and McNemar's
+def paired_comparison(baseline: list[dict[str, Any]], arm: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """An arm against a baseline arm, paired by seed and test example: each seed's accuracy difference and McNemar's
     exact test, and the mean difference over the shared seeds with a 95 % paired-bootstrap interval over test
     examples (the same examples resampled for every seed). An effect only where the interval excludes 0.
 
     Args:
-        finetune: the finetune runs' records (``seed``, ``accuracy``, ``predictions``).
+        baseline: the baseline runs' records (``seed``, ``accuracy``, ``predictions``).
         arm: the arm's records.
 
     Returns:
         ``seeds``, ``difference``, ``low``, ``high``, ``level``, ``effect`` and ``per_seed`` (``seed``,
-        ``difference``, ``only_finetune``, ``only_arm``, ``mcnemar_p``); None without a shared seed.
+        ``difference``, ``only_baseline``, ``only_arm``, ``mcnemar_p``); None without a shared seed.
     """
-    base = {r["seed"]: r for r in finetune}
+    base = {r["seed"]: r for r in baseline}
     pairs = [(base[r["seed"]], r) for r in arm if r["seed"] in base]
     if not pairs:
         return None
@@ -388,7 +390,7 @@ def vs_finetune(finetune: list[dict[str, Any]], arm: list[dict[str, Any]]) -> di
             {
                 "seed": a["seed"],
                 "difference": a["accuracy"] - b["accuracy"],
-                "only_finetune": test.only_baseline,
+                "only_baseline": test.only_baseline,
                 "only_arm": test.only_arm,
                 "mcnemar_p": test.p_value,
             }  # fmt: skip
@@ -441,14 +443,18 @@ def _task_results(config: RationaleStudyConfig, results: Path, task: str, partia
             ],
         }
         if arm != "finetune" and "finetune" in records:
-            result["arms"][arm]["vs_finetune"] = vs_finetune(records["finetune"], runs)
+            result["arms"][arm]["vs_finetune"] = paired_comparison(records["finetune"], runs)
+        control = f"random-k{config.arm_k(arm)}"
+        if config.arm_kind(arm) == "saliency" and control in records:
+            result["arms"][arm]["vs_random"] = paired_comparison(records[control], runs)
     return result
 
 
 def collect_results(config: RationaleStudyConfig, results: Path, *, partial: bool = False) -> dict[str, Any]:
     """Gather the records of the finished runs: per task the teacher's accuracy, the rationale words' share in the
     gold answer (and in the answer or a choice), and per arm the accuracy per seed, its mean and sample standard
-    deviation (None for one seed) and its paired comparison with `finetune` (`vs_finetune`).
+    deviation (None for one seed), its paired comparison with `finetune` (`vs_finetune`) and, for saliency-k<K> with
+    a random-k<K> arm, with that control (`vs_random`; both `paired_comparison`).
 
     Args:
         config: the study's config.
