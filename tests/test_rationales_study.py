@@ -414,7 +414,10 @@ def test_resume_retrains_nothing_and_grown_seeds_run_only_the_new_runs(tiny_stud
     assert study(ws, "study", "--resume", "--seeds", 0, 1, "--arms", "finetune") == 0
     assert trained == [("svamp", "finetune", 1), ("cqa", "finetune", 1)] and len(evaluated) == 2
     grown = json.loads((tiny_study / "results.json").read_text())
+    # a launch naming one arm trains it and keeps the study's other arms in its config and results
+    assert load_yaml(tiny_study / "study_config.yaml", RationaleStudyConfig)["seeds"] == [0, 1]
     for task in ("svamp", "cqa"):
+        assert list(grown["tasks"][task]["arms"]) == list(before["tasks"][task]["arms"])
         arm = grown["tasks"][task]["arms"]["finetune"]
         accuracies = [r["accuracy"] for r in arm["per_seed"]]
         assert [r["seed"] for r in arm["per_seed"]] == [0, 1]
@@ -422,11 +425,11 @@ def test_resume_retrains_nothing_and_grown_seeds_run_only_the_new_runs(tiny_stud
         assert arm["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
         assert arm["per_seed"][0] == before["tasks"][task]["arms"]["finetune"]["per_seed"][0]
 
-    # --report-only rewrites the outputs from what has finished, training nothing
+    # --report-only rewrites the outputs of the study (seeds 0 and 1 now) from what has finished, training nothing
     (tiny_study / "results.json").unlink()
     assert study(ws, "study", "--report-only") == 0
     assert trained == [("svamp", "finetune", 1), ("cqa", "finetune", 1)]
-    assert json.loads((tiny_study / "results.json").read_text())["tasks"] == before["tasks"]
+    assert json.loads((tiny_study / "results.json").read_text())["tasks"] == grown["tasks"]
 
 
 @pytest.mark.integration
@@ -488,6 +491,8 @@ def test_workers_share_the_missing_runs_and_together_rebuild_them(tiny_study, ws
     committed = _committed(tiny_study, tmp_path)
     runs = RationaleStudyConfig(**{**yaml.safe_load((ws / "study.yaml").read_text()), "out": "x"}).runs()
     lost = [("svamp", "finetune", 0), ("svamp", "saliency-k1", 0), ("cqa", "finetune", 0)]
+    study_runs = RationaleStudyConfig(**load_yaml(committed / "study_config.yaml", RationaleStudyConfig)).runs()
+    recorded = sum(study_module.record_path(committed, *run).is_file() for run in study_runs)
     originals = {}
     for run in lost:
         originals[run] = json.loads(study_module.record_path(committed, *run).read_text())
@@ -504,11 +509,11 @@ def test_workers_share_the_missing_runs_and_together_rebuild_them(tiny_study, ws
         mine[worker] = trained[:]
         trained.clear()
         finished = json.loads((committed / "results.json").read_text())["runs_finished"]
-        assert finished == len(runs) - len(lost) + len(mine[0]) + (len(mine[1]) if worker else 0)
+        assert finished == recorded - len(lost) + len(mine[0]) + (len(mine[1]) if worker else 0)
     # each worker trained the lost runs at its places in the study's order, and none twice
     for worker in (0, 1):
         assert mine[worker] == [run for run in lost if runs.index(run) % 2 == worker]
-    assert finished == len(runs)
+    assert finished == recorded
     for run in lost:
         rebuilt = json.loads(study_module.record_path(committed, *run).read_text())
         assert rebuilt["predictions"] == originals[run]["predictions"]

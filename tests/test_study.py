@@ -148,6 +148,25 @@ def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_
 
 
 @pytest.mark.integration
+def test_a_launch_naming_fewer_arms_trains_those_and_keeps_the_whole_study(study, tmp_path):
+    out, config_file, _ = study
+    committed = tmp_path / "results"
+    committed.mkdir()
+    shutil.copy(out / "study_config.yaml", committed)
+    shutil.copytree(out / "records", committed / "records")
+    record_path(committed, 256, "random", 1).unlink()
+    fresh = tmp_path / "fresh"
+    args = ["study", "--config", str(config_file), "--out", str(fresh), "--results", str(committed), "--no-progress"]
+    assert main([*args, "--resume", "--arms", "random"]) == 0
+    trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+    assert trained == ["256/random/seed-1"]
+    assert load_yaml(committed / "study_config.yaml", StudyConfig)["arms"] == ["random", "guide+kd"]
+    results = json.loads((committed / "results.json").read_text())
+    assert list(results["arms"]) == ["random", "guide+kd", "guide-random-projection"]
+    assert results["runs_finished"] == results["runs_planned"] == 5
+
+
+@pytest.mark.integration
 def test_two_workers_share_the_missing_runs_by_their_place_in_the_study(study, tmp_path):
     out, config_file, _ = study
     committed = tmp_path / "results"

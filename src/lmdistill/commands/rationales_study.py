@@ -64,7 +64,7 @@ from lmdistill.commands.rationales_eval import run_rationale_eval
 from lmdistill.commands.rationales_extract import IG_SETTINGS, run_extract
 from lmdistill.commands.rationales_report import write_plot, write_report
 from lmdistill.commands.rationales_train import run_rationale_train
-from lmdistill.commands.study import check_resumable, keep_recorded_precision, results_dir, write_json
+from lmdistill.commands.study import check_resumable, grown_study, keep_recorded_precision, results_dir, write_json
 from lmdistill.commands.study_results import machines_of
 from lmdistill.config import RationaleStudyConfig, to_yaml
 from lmdistill.errors import LmdistillError
@@ -276,7 +276,7 @@ def run_rationale_study(config: RationaleStudyConfig) -> dict[str, Any]:
         check_study_resumable(config, results)
     for directory in (out, results):
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "study_config.yaml").write_text(to_yaml(config))
+        (directory / "study_config.yaml").write_text(to_yaml(grown_study(config, directory, growable=GROWABLE)))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
     runs = config.assigned(config.runs())
@@ -478,9 +478,11 @@ def collect_results(config: RationaleStudyConfig, results: Path, *, partial: boo
 
 
 def write_results(config: RationaleStudyConfig, *, partial: bool = False) -> dict[str, Any]:
-    """Collect the records into results.json, report.md and accuracy_vs_k.png in the results directory."""
+    """Collect the records of the whole study (`grown_study`) into results.json, report.md and accuracy_vs_k.png in
+    the results directory."""
     out = results_dir(config)
-    results = collect_results(config, out, partial=partial)
+    study = grown_study(config, out, growable=GROWABLE)
+    results = collect_results(study, out, partial=partial or study.runs() != config.runs())
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out / "report.md")
     write_plot(results, out / "accuracy_vs_k.png")

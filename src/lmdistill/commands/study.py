@@ -112,6 +112,24 @@ def check_resumable(config: Any, out: Path, *, growable: tuple[str, ...], ignore
         )
 
 
+def grown_study(config: Any, directory: Path, *, growable: tuple[str, ...]) -> Any:
+    """The study ``directory`` holds once this launch is in it: ``config`` with each list in ``growable`` extended by
+    the saved ``study_config.yaml``'s entries it lacks, so that a launch naming fewer arms, seeds or budgets (a
+    worker's share) trains those and leaves the rest of the study in the saved config and the results.
+
+    Args:
+        config: a study config dataclass.
+        directory: the study or results directory.
+        growable: the list fields that `check_resumable` lets a launch change.
+    """
+    saved = directory / "study_config.yaml"
+    if not saved.exists():
+        return config
+    previous = load_yaml(saved, type(config))
+    lists = {name: list(dict.fromkeys([*previous.get(name, []), *getattr(config, name)])) for name in growable}
+    return dataclasses.replace(config, **lists)
+
+
 def keep_recorded_precision(config: Any, recorded: list[str]) -> Any:
     """``config`` with an "auto" precision fixed to the one its finished runs all recorded (`study_precision`).
 
@@ -288,9 +306,11 @@ def _run_record(config: StudyConfig, out: Path, run: Run, summary: dict[str, Any
 
 
 def write_results(config: StudyConfig, *, partial: bool = False) -> dict[str, Any]:
-    """Collect the records into results.json, report.md, curves.png, gap.png and budgets.png; return the results."""
+    """Collect the records of the whole study (`grown_study`) into results.json, report.md, curves.png, gap.png and
+    budgets.png; return the results."""
     results_path = results_dir(config)
-    results = collect_results(config, results_path, partial=partial)
+    study = grown_study(config, results_path, growable=GROWABLE)
+    results = collect_results(study, results_path, partial=partial or study.runs() != config.runs())
     (results_path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if undefined_gap_seeds(results):
         log.warning("the gap closed is undefined for some seeds (null): the teacher is not better than `random`")
@@ -332,7 +352,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         check_resumable(config, results_path, growable=GROWABLE)
     for directory in {out} if config.only else {out, results_path}:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "study_config.yaml").write_text(to_yaml(config))
+        (directory / "study_config.yaml").write_text(to_yaml(grown_study(config, directory, growable=GROWABLE)))
     records = (record_path(results_path, *run) for run in config.runs())
     config = keep_recorded_precision(config, [json.loads(p.read_text())["precision"] for p in records if p.is_file()])
     pending = _pending(config)
