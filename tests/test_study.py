@@ -66,6 +66,20 @@ def study(tmp_path_factory):
         yield out, config_file, code
 
 
+def committed_copy(out: Path, root: Path) -> Path:
+    """What a repository keeps of the study in ``out``: its config and records, no run directories."""
+    committed = root / "results"
+    committed.mkdir()
+    shutil.copy(out / "study_config.yaml", committed)
+    shutil.copytree(out / "records", committed / "records")
+    return committed
+
+
+def trained_runs(out: Path) -> list[str]:
+    """The runs a study trained into ``out``, as TOKENS/ARM/seed-S."""
+    return sorted(path.relative_to(out / "runs").as_posix() for path in (out / "runs").glob("*/*/seed-*"))
+
+
 @pytest.mark.integration
 def test_tiny_study_writes_every_output_with_the_documented_keys(study):
     out, _, code = study
@@ -121,10 +135,7 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(study):
 @pytest.mark.integration
 def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_run(study, tmp_path):
     out, config_file, _ = study
-    committed = tmp_path / "results"  # what a repository keeps: the config and the records, no run directories
-    committed.mkdir()
-    shutil.copy(out / "study_config.yaml", committed)
-    shutil.copytree(out / "records", committed / "records")
+    committed = committed_copy(out, tmp_path)
     missing = record_path(committed, 256, "guide+kd", 1)
     original = json.loads(missing.read_text())
     missing.unlink()
@@ -132,7 +143,7 @@ def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_
     args = ["study", "--config", str(config_file), "--out", str(fresh), "--results", str(committed), "--no-progress"]
     assert main(args) == 2  # a results directory holding a study is continued only with --resume
     assert main([*args, "--resume"]) == 0
-    trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+    trained = trained_runs(fresh)
     assert trained == ["256/guide+kd/seed-1"]  # only the run without a record
     assert sorted(path.name for path in (fresh / "teacher-cache").iterdir()) == ["256"]
     rebuilt = json.loads(missing.read_text())
@@ -150,15 +161,12 @@ def test_a_fresh_machine_resumes_from_the_committed_records_and_only_rebuilds_a_
 @pytest.mark.integration
 def test_a_launch_naming_fewer_arms_trains_those_and_keeps_the_whole_study(study, tmp_path):
     out, config_file, _ = study
-    committed = tmp_path / "results"
-    committed.mkdir()
-    shutil.copy(out / "study_config.yaml", committed)
-    shutil.copytree(out / "records", committed / "records")
+    committed = committed_copy(out, tmp_path)
     record_path(committed, 256, "random", 1).unlink()
     fresh = tmp_path / "fresh"
     args = ["study", "--config", str(config_file), "--out", str(fresh), "--results", str(committed), "--no-progress"]
     assert main([*args, "--resume", "--arms", "random"]) == 0
-    trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+    trained = trained_runs(fresh)
     assert trained == ["256/random/seed-1"]
     assert load_yaml(committed / "study_config.yaml", StudyConfig)["arms"] == ["random", "guide+kd"]
     results = json.loads((committed / "results.json").read_text())
@@ -169,10 +177,7 @@ def test_a_launch_naming_fewer_arms_trains_those_and_keeps_the_whole_study(study
 @pytest.mark.integration
 def test_two_workers_share_the_missing_runs_by_their_place_in_the_study(study, tmp_path):
     out, config_file, _ = study
-    committed = tmp_path / "results"
-    committed.mkdir()
-    shutil.copy(out / "study_config.yaml", committed)
-    shutil.copytree(out / "records", committed / "records")
+    committed = committed_copy(out, tmp_path)
     order = [f"{b}/{a}/seed-{s}" for b, a, s in StudyConfig(**load_yaml(config_file, StudyConfig), out="x").runs()]
     lost = ["256/guide+kd/seed-0", "256/guide-random-projection/seed-0"]  # places 1 and 2 of the study's order
     originals = {}
@@ -185,7 +190,7 @@ def test_two_workers_share_the_missing_runs_by_their_place_in_the_study(study, t
         args = ["study", "--config", config_file, "--out", fresh, "--results", committed, "--no-progress", "--resume",
                 "--workers", 2, "--worker", worker]  # fmt: skip
         assert main([str(a) for a in args]) == 0
-        trained = sorted(path.relative_to(fresh / "runs").as_posix() for path in (fresh / "runs").glob("*/*/seed-*"))
+        trained = trained_runs(fresh)
         assert trained == [name for name in lost if order.index(name) % 2 == worker]
     for name in lost:
         budget, arm, seed = name.split("/")
@@ -199,10 +204,7 @@ def test_a_worker_trains_runs_without_a_cache_while_another_builds_it(study, tmp
     """Workers sharing --out build a budget's teacher cache once: while another holds its lock, a kd run waits behind
     the runs that need no cache, and runs once the lock is free."""
     out, config_file, _ = study
-    committed = tmp_path / "results"
-    committed.mkdir()
-    shutil.copy(out / "study_config.yaml", committed)
-    shutil.copytree(out / "records", committed / "records")
+    committed = committed_copy(out, tmp_path)
     for arm in ("guide+kd", "guide-random-projection"):  # places 1 (kd, reads the cache) and 2 (cross-entropy)
         record_path(committed, 256, arm, 0).unlink()
     fresh = tmp_path / "fresh"
